@@ -1,0 +1,102 @@
+"""Datasets built from a `Data.<split>` config section, a deterministic resumable batch order, and the loader.
+
+A bad image never stops a run: the dataset returns a `skipped` marker, the collate function drops it and
+reports its message, and the trainer warns and counts (`skipped_images` in the logs).
+"""
+import numpy as np
+import paddle
+
+from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array
+from ppvilg.data.pairs import read_coco_captions, read_manifest
+from ppvilg.data.shapes import ShapesPairs
+
+
+class PairDataset(paddle.io.Dataset):
+    """Image-text pairs as model inputs: dict(image=float32 3xSxS in [-1,1], text=str, index=int)."""
+
+    def __init__(self, section, image_size):
+        self.image_size = int(image_size)
+        self.source = section.source
+        if section.source == "shapes":
+            self.shapes = ShapesPairs(section.split, section.num_samples, image_size, section.lang, section.seed)
+            self.pairs = None
+            n = len(self.shapes)
+        else:
+            self.pairs = (read_manifest(section.path) if section.source == "manifest"
+                          else read_coco_captions(section.path, section.image_root))
+            if not self.pairs:
+                raise ValueError(f"{section.path}: no image-text pairs in it")
+            n = len(self.pairs)
+        self.n = min(n, section.limit) if section.limit else n
+
+    def __len__(self):
+        return self.n
+
+    def text(self, i):
+        return self.shapes.item(i)["text"] if self.pairs is None else self.pairs[i].text
+
+    def __getitem__(self, i):
+        i = int(i)
+        if self.pairs is None:
+            item = self.shapes.item(i)
+            return {"image": to_tensor_array(item["image"]), "text": item["text"], "index": i}
+        pair = self.pairs[i]
+        try:
+            img = resize_center_crop(read_image(pair.image), self.image_size)
+        except BadImageError as e:
+            return {"skipped": str(e), "index": i}
+        return {"image": to_tensor_array(img), "text": pair.text, "index": i}
+
+
+def collate_pairs(items):
+    good = [it for it in items if "skipped" not in it]
+    batch = {"skipped": [it["skipped"] for it in items if "skipped" in it],
+             "text": [it["text"] for it in good],
+             "index": np.array([it["index"] for it in good], np.int64)}
+    if good:
+        batch["image"] = np.stack([it["image"] for it in good])
+    return batch
+
+
+class ResumableBatchSampler(paddle.io.BatchSampler):
+    """Endless batches of indices; epoch e is permutation(seed + e). Batch k of the whole stream is a pure
+    function of k, so a resumed run starts at `start_batch` and sees exactly what an uninterrupted run saw.
+    With world_size > 1, rank r takes every world_size-th batch of the same stream."""
+
+    def __init__(self, n, batch_size, seed, start_batch=0, shuffle=True, rank=0, world_size=1):
+        if n < batch_size:
+            raise ValueError(f"the dataset has {n} items, fewer than one micro-batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        self.per_epoch = n // batch_size
+
+    def batch(self, k):
+        epoch, j = divmod(k, self.per_epoch)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        return order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+
+    def __iter__(self):
+        k = self.start_batch
+        while True:
+            yield self.batch(k * self.world_size + self.rank)
+            k += 1
+
+    def __len__(self):
+        return 2 ** 62
+
+
+def train_loader(dataset, micro_batch_size, seed, start_batch, num_workers, rank=0, world_size=1):
+    sampler = ResumableBatchSampler(len(dataset), micro_batch_size, seed, start_batch, True, rank, world_size)
+    return paddle.io.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs,
+                                num_workers=num_workers, return_list=True)
+
+
+def eval_batches(dataset, batch_size):
+    """Sequential batches over the whole dataset (in the main process; eval sets are small)."""
+    for s in range(0, len(dataset), batch_size):
+        yield collate_pairs([dataset[i] for i in range(s, min(len(dataset), s + batch_size))])
+
+
+def build_dataset(section, image_size):
+    return PairDataset(section, image_size)

@@ -1,0 +1,109 @@
+"""Reading images robustly and the paper's preprocessing (resize the short side, then center-crop).
+
+`read_image` returns an RGB uint8 array or raises BadImageError naming the file. Grayscale, RGBA/LA (alpha
+composited onto white), 16-bit and CMYK JPEGs (OpenCV's decoder converts them) are converted; a missing,
+empty, truncated or undecodable file raises. Datasets catch BadImageError, warn, skip and count.
+"""
+import os
+
+import cv2
+import numpy as np
+
+
+class BadImageError(Exception):
+    pass
+
+
+def _truncated(path, data):
+    """JPEG must end with the EOI marker, PNG must contain IEND: OpenCV decodes cut files silently."""
+    if data[:3] == b"\xff\xd8\xff":
+        return data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def read_image(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BadImageError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise BadImageError(f"{path}: empty file")
+    if _truncated(path, data):
+        raise BadImageError(f"{path}: truncated image data")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise BadImageError(f"{path}: not an image OpenCV can decode")
+    return to_rgb_uint8(img, path)
+
+
+def to_rgb_uint8(img, name="<array>"):
+    """Any OpenCV-decoded array (BGR / BGRA / gray, 8 or 16 bit, float) -> RGB uint8 HxWx3."""
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype != np.uint8:
+        raise BadImageError(f"{name}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
+        raise BadImageError(f"{name}: unsupported image shape {img.shape}")
+    c = img.shape[2]
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+    if c == 2:  # gray + alpha
+        gray, alpha = img[:, :, :1].astype(np.float32), img[:, :, 1:].astype(np.float32) / 255.0
+        out = gray * alpha + 255.0 * (1.0 - alpha)
+        return np.repeat((out + 0.5).astype(np.uint8), 3, axis=2)
+    if c == 4:  # BGRA: composite onto white
+        alpha = img[:, :, 3:].astype(np.float32) / 255.0
+        img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def resize_center_crop(img, size):
+    """Resize so the short side is `size` (area filter when shrinking, cubic when growing), then center-crop."""
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    if scale != 1.0:
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
+        img = cv2.resize(img, (nw, nh), interpolation=interp)
+        h, w = nh, nw
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def to_tensor_array(img):
+    """RGB uint8 HxWx3 -> float32 3xHxW in [-1, 1] (the range the VQ model works in)."""
+    return (img.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
+
+
+def to_uint8_image(arr):
+    """float 3xHxW in [-1, 1] -> RGB uint8 HxWx3."""
+    arr = np.clip((np.asarray(arr, np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
+    return arr.astype(np.uint8).transpose(1, 2, 0)
+
+
+def make_grid(images, ncol):
+    """A list of RGB uint8 HxWx3 images (same size) -> one grid image, with 2-pixel white gaps."""
+    h, w = images[0].shape[:2]
+    nrow = (len(images) + ncol - 1) // ncol
+    grid = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+    return grid
+
+
+def write_png(path, rgb):
+    from ppvilg.utils.io import atomic_write_bytes
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise RuntimeError(f"could not encode {path} as PNG")
+    atomic_write_bytes(path, buf.tobytes())

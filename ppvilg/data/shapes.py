@@ -1,0 +1,136 @@
+"""Deterministic synthetic "shapes" pairs: one coloured shape on a black background, with Chinese and English
+captions that state its size, colour, shape and position.
+
+Attributes: 6 colours x 3 shapes x 9 positions (3x3 grid) x 2 sizes. A fixed sixth-or-so of the
+(colour, shape, position) triples never occurs in the train split; the `heldout` split uses only those
+triples (every single attribute value still occurs in training, only the combination is new). Captions come
+from templates; the held-out split also uses templates never seen in training. Sample i of a split is a
+pure function of (seed, split, i), so any subset can be regenerated exactly, and because the generator knows
+the ground truth, `ppvilg.metrics.shapes_reader` can score images and captions exactly.
+"""
+import itertools
+
+import cv2
+import numpy as np
+
+COLORS = {  # name: (RGB, zh)
+    "red": ((230, 30, 30), "红色"),
+    "green": ((30, 200, 30), "绿色"),
+    "blue": ((40, 60, 240), "蓝色"),
+    "yellow": ((240, 220, 20), "黄色"),
+    "magenta": ((220, 40, 220), "紫色"),
+    "cyan": ((30, 220, 230), "青色"),
+}
+SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+POSITIONS = {  # name: (row, col, zh) on a 3x3 grid
+    "top left": (0, 0, "左上角"), "top": (0, 1, "上方"), "top right": (0, 2, "右上角"),
+    "left": (1, 0, "左边"), "center": (1, 1, "中间"), "right": (1, 2, "右边"),
+    "bottom left": (2, 0, "左下角"), "bottom": (2, 1, "下方"), "bottom right": (2, 2, "右下角"),
+}
+SIZES = {"small": "小", "large": "大"}
+
+TEMPLATES = {
+    "train": {
+        "en": ["a {size} {color} {shape} at the {position}",
+               "{size} {color} {shape}, {position}",
+               "a picture of a {size} {color} {shape} at the {position}"],
+        "zh": ["{position}有一个{size}{color}{shape}",
+               "一个{size}{color}{shape}在{position}",
+               "图片{position}是{size}{color}{shape}"],
+    },
+    "heldout": {
+        "en": ["there is a {size} {color} {shape} placed at the {position} of the image"],
+        "zh": ["画面的{position}位置画着一个{size}的{color}{shape}"],
+    },
+}
+
+ATTRIBUTES = ("color", "shape", "position", "size")
+
+
+def _triples():
+    return list(itertools.product(range(len(COLORS)), range(len(SHAPES)), range(len(POSITIONS))))
+
+
+def is_heldout(ci, si, pi):
+    """The held-out (colour, shape, position) triples: 18 of 162, every attribute value kept in training."""
+    return (ci + 2 * si + 4 * pi) % 9 == 0
+
+
+def split_triples(split):
+    if split not in ("train", "heldout"):
+        raise ValueError(f"shapes split must be 'train' or 'heldout', got {split!r}")
+    want = split == "heldout"
+    return [t for t in _triples() if is_heldout(*t) == want]
+
+
+def _centre(pi, size_px):
+    row, col, _ = list(POSITIONS.values())[pi]
+    step = size_px * 9 / 32.0
+    return (size_px / 2 + (col - 1) * step, size_px / 2 + (row - 1) * step)
+
+
+def radius_px(size_name, size_px):
+    return size_px * (3.5 if size_name == "small" else 6.0) / 32.0
+
+
+def render(attrs, size_px=32, jitter=(0.0, 0.0)):
+    """Draw one shape; attrs = dict(color=, shape=, position=, size=) by English names. RGB uint8."""
+    img = np.zeros((size_px, size_px, 3), np.uint8)
+    pi = list(POSITIONS).index(attrs["position"])
+    cx, cy = _centre(pi, size_px)
+    cx, cy = cx + jitter[0], cy + jitter[1]
+    r = radius_px(attrs["size"], size_px)
+    color = tuple(int(v) for v in COLORS[attrs["color"]][0])
+    s = 16  # sub-pixel precision for anti-aliased drawing
+    if attrs["shape"] == "circle":
+        cv2.circle(img, (round(cx * s), round(cy * s)), round(r * s), color, -1, cv2.LINE_AA, shift=4)
+    else:
+        if attrs["shape"] == "square":
+            pts = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+        else:
+            h = r * 1.15
+            pts = [(cx, cy - h), (cx + h, cy + 0.8 * h), (cx - h, cy + 0.8 * h)]
+        pts = np.array([[round(x * s), round(y * s)] for x, y in pts], np.int32)
+        cv2.fillPoly(img, [pts], color, cv2.LINE_AA, shift=4)
+    return img
+
+
+def caption(attrs, lang, template):
+    if lang == "en":
+        return template.format(size=attrs["size"], color=attrs["color"], shape=attrs["shape"],
+                               position=attrs["position"])
+    return template.format(size=SIZES[attrs["size"]], color=COLORS[attrs["color"]][1],
+                           shape=SHAPES[attrs["shape"]], position=POSITIONS[attrs["position"]][2])
+
+
+class ShapesPairs:
+    """A split of synthetic pairs. item(i) -> dict(image=RGB uint8, text=str, attrs=dict, lang=str)."""
+
+    def __init__(self, split="train", num_samples=2000, image_size=32, lang="both", seed=0):
+        self.split, self.num_samples, self.image_size, self.lang, self.seed = (
+            split, int(num_samples), int(image_size), lang, int(seed))
+        self.triples = split_triples(split)
+        self.langs = ["zh", "en"] if lang == "both" else [lang]
+        templates = TEMPLATES[split]
+        if split == "heldout":  # held-out prompts mix unseen and seen phrasings
+            templates = {k: TEMPLATES["heldout"][k] + TEMPLATES["train"][k] for k in ("en", "zh")}
+        self.templates = templates
+
+    def __len__(self):
+        return self.num_samples
+
+    def attrs(self, i):
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
+        ci, si, pi = self.triples[i % len(self.triples)]
+        return rng, {"color": list(COLORS)[ci], "shape": list(SHAPES)[si],
+                     "position": list(POSITIONS)[pi], "size": list(SIZES)[(i // len(self.triples)) % 2]}
+
+    def item(self, i):
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        rng, attrs = self.attrs(i)
+        jitter = rng.uniform(-1.0, 1.0, size=2) * self.image_size / 32.0
+        lang = self.langs[int(rng.integers(len(self.langs)))]
+        tpl = self.templates[lang][int(rng.integers(len(self.templates[lang])))]
+        return {"image": render(attrs, self.image_size, tuple(jitter)), "text": caption(attrs, lang, tpl),
+                "attrs": attrs, "lang": lang, "id": f"shapes-{self.split}-{i}"}

@@ -1,0 +1,103 @@
+"""Checkpoints are self-describing folders, written atomically (temp folder + rename):
+
+    step_00000100/
+      model.pdparams        the main model (what infer / eval / export load)
+      <name>.pdparams       other trained modules (e.g. disc.pdparams, the GAN discriminator)
+      <phase>.pdopt         optimizer + LR schedule + loss-scaler state for each optimisation phase
+      rng.pkl               python / numpy / paddle RNG states
+      trainer_state.json    step, task, model name, paddle version, counters
+      config.yaml           the resolved config of the run
+
+`<output_dir>/checkpoints/latest` names the newest complete one. Loading is strict: a missing or unexpected
+parameter, or a shape mismatch, is an error that names it.
+"""
+import glob
+import json
+import os
+import pickle
+import random
+import shutil
+
+import numpy as np
+import paddle
+
+from ppvilg.config import load_resolved, save_config
+from ppvilg.utils.io import AtomicDir, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(folder, cfg, modules, optimizers, state):
+    """modules: {name: Layer} ('model' first); optimizers: {phase: dict of state dicts}; state: json-able."""
+    with AtomicDir(folder) as tmp:
+        for name, layer in modules.items():
+            paddle.save(layer.state_dict(), os.path.join(tmp, f"{name}.pdparams"))
+        for phase, opt_state in optimizers.items():
+            paddle.save(opt_state, os.path.join(tmp, f"{phase}.pdopt"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+        if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+            rng["cuda"] = paddle.get_cuda_rng_state()
+        with open(os.path.join(tmp, "rng.pkl"), "wb") as f:
+            pickle.dump(rng, f)
+        atomic_write_json(os.path.join(tmp, "trainer_state.json"),
+                          dict(state, paddle_version=paddle.__version__))
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+    return folder
+
+
+def mark_latest(ckpt_dir, folder, keep):
+    atomic_write_text(os.path.join(ckpt_dir, "latest"), os.path.basename(folder) + "\n")
+    if keep and keep > 0:
+        old = sorted(glob.glob(os.path.join(ckpt_dir, "step_*")))[:-keep]
+        for f in old:
+            shutil.rmtree(f, ignore_errors=True)
+
+
+def resolve_checkpoint(path, output_dir=None):
+    """A checkpoint folder, a run's checkpoints/ folder or run folder (-> its latest), or 'auto'."""
+    if path == "auto":
+        path = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        for cand in (path, os.path.join(path, "checkpoints")):
+            latest = os.path.join(cand, "latest")
+            if os.path.isfile(latest):
+                with open(latest) as f:
+                    path = os.path.join(cand, f.read().strip())
+                break
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise CheckpointError(f"{path}: not a ppvilg checkpoint folder (no trainer_state.json; expected a "
+                              "folder written by tools/train.py, e.g. output/<run>/checkpoints/step_00000100)")
+    return path
+
+
+def read_meta(folder):
+    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f), load_resolved(os.path.join(folder, "config.yaml"))
+
+
+def load_state_strict(layer, path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing (the checkpoint has no weights for this module)")
+    state = paddle.load(path)
+    own = layer.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: parameters do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for k, v in own.items():
+        if list(v.shape) != list(state[k].shape):
+            raise CheckpointError(f"{path}: '{k}' has shape {list(state[k].shape)}, the model expects "
+                                  f"{list(v.shape)}")
+    layer.set_state_dict(state)
+
+
+def restore_rng(folder):
+    with open(os.path.join(folder, "rng.pkl"), "rb") as f:
+        rng = pickle.load(f)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    paddle.set_rng_state(rng["paddle"])
+    if "cuda" in rng and paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        paddle.set_cuda_rng_state(rng["cuda"])

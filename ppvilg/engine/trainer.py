@@ -1,0 +1,209 @@
+"""The generic trainer shared by every stage.
+
+Per optimizer step: `Train.accum_steps` micro-batches; for each, every phase of the task (e.g. generator then
+discriminator) computes its loss under AMP autocast and back-propagates it (scaled for fp16, divided by the
+accumulation count); then each phase's optimizer steps (global-norm clipping, loss-scaler update) and its LR
+schedule (linear warmup, then cosine or constant) advances. Logs go to stdout (rank 0), a tqdm bar on a
+terminal, VisualDL scalars and image grids; evaluation and checkpoints run every N steps and at the end.
+Resume restores weights, optimizers, schedules, scalers, RNG states and the data position exactly.
+"""
+import os
+import time
+
+import paddle
+from tqdm import tqdm
+
+from ppvilg.config import save_config
+from ppvilg.data.datasets import build_dataset, train_loader
+from ppvilg.engine.checkpoint import (load_state_strict, mark_latest, read_meta, resolve_checkpoint,
+                                      restore_rng, save_checkpoint)
+from ppvilg.utils.runtime import get_logger, rank_and_world
+
+
+def build_schedule(ocfg, max_steps, lr):
+    if ocfg.schedule == "cosine":
+        main = paddle.optimizer.lr.CosineAnnealingDecay(lr, T_max=max(1, max_steps - ocfg.warmup_steps),
+                                                        eta_min=lr * ocfg.min_lr_ratio)
+    else:
+        main = lr
+    if ocfg.warmup_steps > 0:
+        return paddle.optimizer.lr.LinearWarmup(main, ocfg.warmup_steps, 0.0, lr)
+    if isinstance(main, float):
+        return paddle.optimizer.lr.LambdaDecay(lr, lambda step: 1.0)
+    return main
+
+
+def build_optimizer(ocfg, params, schedule, grad_clip):
+    clip = paddle.nn.ClipGradByGlobalNorm(grad_clip) if grad_clip and grad_clip > 0 else None
+    b1, b2 = ocfg.betas
+    if ocfg.name == "adamw":
+        return paddle.optimizer.AdamW(schedule, beta1=b1, beta2=b2, parameters=params,
+                                      weight_decay=ocfg.weight_decay, grad_clip=clip)
+    return paddle.optimizer.Adam(schedule, beta1=b1, beta2=b2, parameters=params, grad_clip=clip)
+
+
+class Trainer:
+    def __init__(self, cfg, task):
+        self.cfg, self.task = cfg, task
+        self.log = get_logger()
+        self.rank, self.world = rank_and_world()
+        self.out = cfg.Global.output_dir
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        amp = cfg.Train.amp
+        if amp.enable and paddle.get_device() == "cpu":
+            raise RuntimeError("Train.amp.enable=true needs a GPU (CPU has no float16/bfloat16 training "
+                               "kernels); set Train.amp.enable=false")
+        self.amp_kwargs = dict(enable=amp.enable, dtype=amp.dtype, level=amp.level)
+        self.phase_params, self.opts, self.scheds, self.scalers = {}, {}, {}, {}
+        for phase, (params, extra) in task.phases().items():
+            params = list(params)
+            lr = cfg.Optimizer.lr * extra.get("lr_scale", 1.0)
+            self.scheds[phase] = build_schedule(cfg.Optimizer, cfg.Train.max_steps, lr)
+            self.opts[phase] = build_optimizer(cfg.Optimizer, params, self.scheds[phase], cfg.Train.grad_clip)
+            self.scalers[phase] = paddle.amp.GradScaler(enable=amp.enable and amp.dtype == "float16",
+                                                        init_loss_scaling=amp.init_loss_scaling)
+            self.phase_params[phase] = params
+        if amp.enable and amp.level == "O2":
+            mods = list(task.modules().values())
+            paddle.amp.decorate(models=mods, optimizers=list(self.opts.values()), level="O2", dtype=amp.dtype)
+        self.step, self.skipped = 0, 0
+        self.vdl = None
+
+    # ---- state -------------------------------------------------------------------------------------
+    def optimizer_states(self):
+        return {p: {"optimizer": self.opts[p].state_dict(), "schedule": self.scheds[p].state_dict(),
+                    "scaler": self.scalers[p].state_dict()} for p in self.opts}
+
+    def save(self):
+        if self.rank != 0:
+            return None
+        folder = os.path.join(self.ckpt_dir, f"step_{self.step:08d}")
+        state = {"step": self.step, "task": self.cfg.Global.task, "model": self.cfg.Model.name,
+                 "skipped_images": self.skipped, "world_size": self.world}
+        save_checkpoint(folder, self.cfg, self.task.modules(), self.optimizer_states(), state)
+        mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
+        self.log.info(f"saved checkpoint {folder}")
+        return folder
+
+    def resume(self, path):
+        folder = resolve_checkpoint(path, self.out)
+        meta, _ = read_meta(folder)
+        if meta.get("task") != self.cfg.Global.task:
+            raise RuntimeError(f"{folder}: a '{meta.get('task')}' checkpoint cannot resume a "
+                               f"'{self.cfg.Global.task}' run")
+        for name, layer in self.task.modules().items():
+            load_state_strict(layer, os.path.join(folder, f"{name}.pdparams"))
+        for phase in self.opts:
+            st = paddle.load(os.path.join(folder, f"{phase}.pdopt"))
+            self.opts[phase].set_state_dict(st["optimizer"])
+            self.scheds[phase].set_state_dict(st["schedule"])
+            self.scalers[phase].load_state_dict(st["scaler"])
+        restore_rng(folder)
+        self.step, self.skipped = meta["step"], meta.get("skipped_images", 0)
+        self.log.info(f"resumed from {folder} at step {self.step}")
+
+    # ---- logging -----------------------------------------------------------------------------------
+    def _vdl(self):
+        if self.vdl is None and self.rank == 0 and self.cfg.Train.vdl:
+            from visualdl import LogWriter
+            self.vdl = LogWriter(logdir=os.path.join(self.out, "vdl"))
+        return self.vdl
+
+    def log_scalars(self, prefix, values):
+        w = self._vdl()
+        if w is not None:
+            for k, v in values.items():
+                w.add_scalar(f"{prefix}/{k}", float(v), self.step)
+
+    def evaluate(self, dataset):
+        t0 = time.time()
+        self.task.eval()
+        metrics, images = self.task.evaluate(dataset)
+        self.task.train()
+        self.log.info(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                      + f" ({time.time() - t0:.1f}s)")
+        self.log_scalars("eval", metrics)
+        w = self._vdl()
+        if w is not None:
+            for k, img in images.items():
+                w.add_image(f"eval/{k}", img, self.step, dataformats="HWC")
+        return metrics
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def fit(self):
+        cfg, tc = self.cfg, self.cfg.Train
+        os.makedirs(self.out, exist_ok=True)
+        if self.rank == 0:
+            save_config(cfg, os.path.join(self.out, "config.yaml"))
+        if cfg.Global.resume:
+            self.resume(cfg.Global.resume)
+        train_set = build_dataset(cfg.Data.train, cfg.Data.image_size)
+        eval_set = build_dataset(cfg.Data.eval, cfg.Data.image_size)
+        loader = train_loader(train_set, tc.micro_batch_size, cfg.Global.seed, self.step * tc.accum_steps,
+                              cfg.Data.num_workers, self.rank, self.world)
+        batches = iter(loader)
+        self.log.info(f"training {cfg.Global.task}: {sum(p.size for p in self.task.modules()['model'].parameters()):,} "
+                      f"model parameters, {len(train_set)} train / {len(eval_set)} eval pairs, "
+                      f"steps {self.step} -> {tc.max_steps}, batch {tc.batch_size} "
+                      f"({tc.accum_steps} x {tc.micro_batch_size}), device {paddle.get_device()}")
+        self.task.train()
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=None if self.rank == 0 else True,
+                   dynamic_ncols=True, mininterval=2.0)
+        t_last, n_last, metrics = time.time(), 0, {}
+        while self.step < tc.max_steps:
+            logs = self.train_step(batches)
+            self.step += 1
+            n_last += logs.pop("_images")
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                dt = time.time() - t_last
+                logs["images_per_s"] = n_last / max(dt, 1e-9)
+                logs["lr"] = self.opts[next(iter(self.opts))].get_lr()
+                t_last, n_last = time.time(), 0
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "images_per_s")})
+                self.log.info(f"step {self.step}/{tc.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                self.log_scalars("train", logs)
+            last = self.step == tc.max_steps
+            if last or (tc.eval_every and self.step % tc.eval_every == 0):
+                metrics = self.evaluate(eval_set)
+            if last or (tc.save_every and self.step % tc.save_every == 0):
+                self.save()
+        bar.close()
+        if self.vdl is not None:
+            self.vdl.close()
+        return metrics
+
+    def train_step(self, batches):
+        tc = self.cfg.Train
+        sums, used, n_images = {}, set(), 0
+        for _ in range(tc.accum_steps):
+            batch = next(batches)
+            if batch["skipped"]:
+                self.skipped += len(batch["skipped"])
+                for msg in batch["skipped"]:
+                    self.log.warning(f"skipped image: {msg} ({self.skipped} skipped so far)")
+            if "image" not in batch:
+                continue
+            n_images += len(batch["text"])
+            for phase in self.opts:
+                with paddle.amp.auto_cast(**self.amp_kwargs):
+                    loss, logs = self.task.phase_loss(phase, batch, self.step)
+                if loss is None:
+                    continue
+                used.add(phase)
+                self.scalers[phase].scale(loss / tc.accum_steps).backward()
+                logs[f"{phase}_loss"] = float(loss)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v / tc.accum_steps
+        for phase in self.opts:
+            if phase in used:
+                self.scalers[phase].step(self.opts[phase])
+                self.scalers[phase].update()
+            self.opts[phase].clear_grad()
+            self.scheds[phase].step()
+        first = next(iter(self.opts))
+        if f"{first}_loss" in sums:
+            sums["loss"] = sums[f"{first}_loss"]
+        sums["skipped_images"] = self.skipped
+        sums["_images"] = n_images
+        return sums

@@ -1,0 +1,35 @@
+"""Small explicit registries: a name maps to a class or function, and a wrong name gets a helpful error."""
+import difflib
+
+
+class Registry:
+    def __init__(self, kind):
+        self.kind = kind
+        self._items = {}
+
+    def register(self, name):
+        def deco(obj):
+            if name in self._items:
+                raise KeyError(f"{self.kind} '{name}' is registered twice")
+            self._items[name] = obj
+            return obj
+        return deco
+
+    def get(self, name):
+        if name not in self._items:
+            near = difflib.get_close_matches(str(name), list(self._items), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise KeyError(f"unknown {self.kind} '{name}' (known: {', '.join(sorted(self._items))}){hint}")
+        return self._items[name]
+
+    def names(self):
+        return sorted(self._items)
+
+    def __contains__(self, name):
+        return name in self._items
+
+
+# name -> dataclass holding a model's hyper-parameters (with a PRESETS dict attribute)
+MODEL_CONFIGS = Registry("model")
+# name -> Task class (ppvilg.engine.task.Task subclass): builds model, losses, evaluation for a training stage
+TASKS = Registry("task")

@@ -1,0 +1,56 @@
+"""Process set-up shared by every tool: quiet imports, device, CPU threads, seeds, rank-aware logging."""
+import logging
+import os
+import random
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="No ccache found")  # paddle's cpp_extension nags at import time
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+
+def rank_and_world():
+    return int(os.environ.get("PADDLE_TRAINER_ID", 0)), int(os.environ.get("PADDLE_TRAINERS_NUM", 1))
+
+
+def get_logger(name="ppvilg"):
+    """Rank 0 logs INFO to stdout; other ranks log only warnings, prefixed with their rank."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        rank, world = rank_and_world()
+        handler = logging.StreamHandler(sys.stdout)
+        tag = f"[rank {rank}] " if world > 1 else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logger.propagate = False
+    return logger
+
+
+def setup_device(device="auto", num_threads=2):
+    """Select the device and, on CPU, the kernel thread count (paddle defaults to 1 thread otherwise)."""
+    if device == "auto":
+        device = "gpu" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else "cpu"
+    if device.startswith("gpu") and not paddle.device.is_compiled_with_cuda():
+        raise RuntimeError(f"Global.device={device!r} but this paddle build has no CUDA support "
+                           "(install paddlepaddle-gpu, or use Global.device=cpu)")
+    if device.startswith("gpu") and ":" not in device:
+        device = f"gpu:{rank_and_world()[0] % max(1, paddle.device.cuda.device_count())}"
+    paddle.set_device(device)
+    if device == "cpu" and num_threads:
+        paddle.base.core.set_num_threads(int(num_threads))
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    paddle.seed(seed)
+
+
+def setup_from_config(cfg):
+    device = setup_device(cfg.Global.device, cfg.Global.num_threads)
+    seed_everything(cfg.Global.seed)
+    return device
