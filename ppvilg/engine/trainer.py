@@ -42,6 +42,24 @@ def build_optimizer(ocfg, params, schedule, grad_clip):
     return paddle.optimizer.Adam(schedule, beta1=b1, beta2=b2, parameters=params, grad_clip=clip)
 
 
+def rename_optimizer_state(state, mapping):
+    """Optimizer state dicts are keyed by paddle's run-time parameter names (e.g. 'conv2d_38.w_0_moment1_0'),
+    which depend on how many layers a process built before. Checkpoints key them by structured names instead
+    ('model.encoder.conv_in.weight_moment1_0'); `mapping` translates one way or the other."""
+    olds = sorted(mapping, key=len, reverse=True)
+    out = {}
+    for k, v in state.items():
+        if k == "master_weights":
+            out[k] = {mapping.get(n, n): w for n, w in v.items()}
+            continue
+        for old in olds:
+            if k == old or k.startswith(old + "_"):
+                k = mapping[old] + k[len(old):]
+                break
+        out[k] = v
+    return out
+
+
 class Trainer:
     def __init__(self, cfg, task):
         self.cfg, self.task = cfg, task
@@ -55,8 +73,12 @@ class Trainer:
                                "kernels); set Train.amp.enable=false")
         self.amp_kwargs = dict(enable=amp.enable, dtype=amp.dtype, level=amp.level)
         self.phase_params, self.opts, self.scheds, self.scalers = {}, {}, {}, {}
+        structured = {id(p): f"{m}.{n}" for m, layer in task.modules().items()
+                      for n, p in layer.named_parameters()}
+        self.param_names = {}  # phase -> {run-time name: structured name}
         for phase, (params, extra) in task.phases().items():
             params = list(params)
+            self.param_names[phase] = {p.name: structured[id(p)] for p in params}
             lr = cfg.Optimizer.lr * extra.get("lr_scale", 1.0)
             self.scheds[phase] = build_schedule(cfg.Optimizer, cfg.Train.max_steps, lr)
             self.opts[phase] = build_optimizer(cfg.Optimizer, params, self.scheds[phase], cfg.Train.grad_clip)
@@ -68,10 +90,12 @@ class Trainer:
             paddle.amp.decorate(models=mods, optimizers=list(self.opts.values()), level="O2", dtype=amp.dtype)
         self.step, self.skipped = 0, 0
         self.vdl = None
+        self.history = []  # per-step logged values of this process's run
 
     # ---- state -------------------------------------------------------------------------------------
     def optimizer_states(self):
-        return {p: {"optimizer": self.opts[p].state_dict(), "schedule": self.scheds[p].state_dict(),
+        return {p: {"optimizer": rename_optimizer_state(self.opts[p].state_dict(), self.param_names[p]),
+                    "schedule": self.scheds[p].state_dict(),
                     "scaler": self.scalers[p].state_dict()} for p in self.opts}
 
     def save(self):
@@ -95,7 +119,8 @@ class Trainer:
             load_state_strict(layer, os.path.join(folder, f"{name}.pdparams"))
         for phase in self.opts:
             st = paddle.load(os.path.join(folder, f"{phase}.pdopt"))
-            self.opts[phase].set_state_dict(st["optimizer"])
+            back = {v: k for k, v in self.param_names[phase].items()}
+            self.opts[phase].set_state_dict(rename_optimizer_state(st["optimizer"], back))
             self.scheds[phase].set_state_dict(st["schedule"])
             self.scalers[phase].load_state_dict(st["scaler"])
         restore_rng(folder)
@@ -154,6 +179,7 @@ class Trainer:
             logs = self.train_step(batches)
             self.step += 1
             n_last += logs.pop("_images")
+            self.history.append(dict(logs, step=self.step))
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 dt = time.time() - t_last

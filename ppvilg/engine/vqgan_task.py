@@ -1,6 +1,7 @@
 """Stage 1 task: train the VQGAN tokenizer (generator phase, then discriminator phase, every step)."""
 import contextlib
 import dataclasses
+import os
 
 import numpy as np
 import paddle
@@ -8,6 +9,7 @@ import paddle
 from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
+from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, read_meta, resolve_checkpoint
 from ppvilg.engine.task import Task
 from ppvilg.metrics.recon import codebook_stats, psnr, ssim
 from ppvilg.registry import MODEL_CONFIGS, TASKS
@@ -149,3 +151,15 @@ class VQGANTask(Task):
         metrics = {"psnr": p_sum / n, "ssim": s_sum / n, "codebook_usage": usage,
                    "codebook_perplexity": perplexity, "num_images": n, "skipped_images": skipped}
         return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}
+
+
+def load_vqgan(path, output_dir=None):
+    """(model in eval mode, the checkpoint's resolved config, its folder) from a stage-1 checkpoint."""
+    folder = resolve_checkpoint(path, output_dir)
+    meta, ckpt_cfg = read_meta(folder)
+    if meta.get("task") != "vqgan":
+        raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint, not a VQGAN (stage 1) one")
+    model = build_vqgan(ckpt_cfg.Model)
+    load_state_strict(model, os.path.join(folder, "model.pdparams"))
+    model.eval()
+    return model, ckpt_cfg, folder

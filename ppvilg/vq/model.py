@@ -196,6 +196,7 @@ class VectorQuantizer(nn.Layer):
         return z_q, loss, codes.reshape([b, h, w]), {"perplexity": perplexity, "commitment": commit}
 
     def _update(self, z_flat, onehot, counts):
+        dead = (self.usage < self.threshold).astype(z_flat.dtype).unsqueeze(1)  # judged before this step
         self.usage.set_value(self.usage * self.decay + counts * (1 - self.decay))
         if self.ema:
             self.ema_count.set_value(self.ema_count * self.decay + counts * (1 - self.decay))
@@ -204,16 +205,14 @@ class VectorQuantizer(nn.Layer):
             n = self.ema_count.sum()
             smoothed = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
             self.codebook.set_value(self.ema_sum / smoothed.unsqueeze(1))
-        if self.restart:
-            dead = (self.usage < self.threshold).astype(z_flat.dtype).unsqueeze(1)
-            if float(dead.sum()) > 0:
-                pick = paddle.randint(0, z_flat.shape[0], [self.num_codes])
-                fresh = paddle.gather(z_flat, pick)
-                self.codebook.set_value(self.codebook * (1 - dead) + fresh * dead)
-                self.usage.set_value(self.usage * (1 - dead.squeeze(1)) + dead.squeeze(1))
-                if self.ema:
-                    self.ema_sum.set_value(self.ema_sum * (1 - dead) + fresh * dead)
-                    self.ema_count.set_value(self.ema_count * (1 - dead.squeeze(1)) + dead.squeeze(1))
+        if self.restart and float(dead.sum()) > 0:
+            pick = paddle.randint(0, z_flat.shape[0], [self.num_codes])
+            fresh = paddle.gather(z_flat, pick)
+            self.codebook.set_value(self.codebook * (1 - dead) + fresh * dead)
+            self.usage.set_value(self.usage * (1 - dead.squeeze(1)) + dead.squeeze(1))
+            if self.ema:
+                self.ema_sum.set_value(self.ema_sum * (1 - dead) + fresh * dead)
+                self.ema_count.set_value(self.ema_count * (1 - dead.squeeze(1)) + dead.squeeze(1))
 
 
 class VQGAN(nn.Layer):

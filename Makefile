@@ -1,0 +1,24 @@
+# `make demo` and `make test` install what is missing first. They use the active virtualenv / conda env if
+# there is one, else create .venv (with access to system packages, so an installed paddlepaddle-gpu is reused).
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+PYTHON ?= python
+else
+PYTHON ?= .venv/bin/python
+endif
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test clean-demo
+
+install:
+	@if [ "$(PYTHON)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv --system-site-packages .venv; fi
+	@$(PYTHON) tools/install_deps.py
+
+demo: install
+	$(PYTHON) tools/train.py -c configs/demo/vqgan_shapes.yaml
+	$(PYTHON) tools/eval.py -c configs/demo/vqgan_shapes.yaml
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+clean-demo:
+	rm -rf output/demo

@@ -1,0 +1,14 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ppvilg",
+    version="0.1.0",
+    description="ERNIE-ViLG in PaddlePaddle: unified bidirectional text<->image generation over VQ tokens",
+    packages=find_packages(include=["ppvilg", "ppvilg.*"]),
+    package_data={"ppvilg": ["data/assets/*"]},
+    python_requires=">=3.9",
+    install_requires=[
+        # paddlepaddle (CPU) or paddlepaddle-gpu is installed separately; see README
+        "numpy>=2,<3", "opencv-python-headless", "PyYAML", "scipy", "scikit-image", "visualdl", "pycocotools", "tqdm",
+    ],
+)

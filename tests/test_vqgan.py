@@ -1,0 +1,118 @@
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+from ppvilg.config import load_config
+from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, resolve_checkpoint
+from ppvilg.engine.tasks import build_task
+from ppvilg.engine.trainer import Trainer
+from ppvilg.engine.vqgan_task import VQGANTask, load_vqgan
+from ppvilg.utils.runtime import seed_everything
+
+TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
+
+
+def _cfg(tmp_path, *over):
+    return load_config(TINY, [f"Global.output_dir={tmp_path}", *over])
+
+
+def _train(cfg):
+    seed_everything(cfg.Global.seed)
+    trainer = Trainer(cfg, build_task(cfg))
+    metrics = trainer.fit()
+    return trainer, metrics
+
+
+def test_encode_decode_shapes_and_code_range(tmp_path):
+    cfg = _cfg(tmp_path)
+    model = build_task(cfg).model
+    model.eval()
+    x = paddle.uniform([3, 3, 16, 16], min=-1, max=1)
+    codes = model.encode(x)
+    assert codes.shape == [3, 8, 8] and codes.dtype == paddle.int64
+    assert int(codes.min()) >= 0 and int(codes.max()) < cfg.Model.num_codes
+    assert model.decode_codes(codes).shape == [3, 3, 16, 16]
+    x_hat, _, codes_fwd, _ = model(x)
+    assert (codes_fwd.numpy() == codes.numpy()).all() and x_hat.shape == x.shape
+
+
+def test_tiny_vq_loss_falls_and_codebook_is_used(tmp_path):
+    cfg = _cfg(tmp_path, "Train.max_steps=40", "Loss.disc_start=100", "Train.log_every=100")
+    trainer, metrics = _train(cfg)
+    rec = [h["rec"] for h in trainer.history]
+    assert np.mean(rec[-5:]) < 0.5 * np.mean(rec[:5])
+    assert metrics["codebook_usage"] > 0.2 and np.isfinite(metrics["psnr"])
+
+
+def test_generator_phase_does_not_train_the_discriminator(tmp_path):
+    task = VQGANTask(_cfg(tmp_path))
+    batch = {"image": paddle.uniform([2, 3, 16, 16], min=-1, max=1)}
+    trainable = [not p.stop_gradient for p in task.disc.parameters()]
+    loss, logs = task.phase_loss("generator", batch, step=10)  # past disc_start: GAN term included
+    assert "g_loss" in logs and logs["gan_weight"] > 0
+    loss.backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in task.disc.parameters())
+    assert task.model.decoder.conv_out.weight.grad is not None
+    assert [not p.stop_gradient for p in task.disc.parameters()] == trainable  # restored after the block
+    d_loss, _ = task.phase_loss("discriminator", batch, step=10)
+    for p in task.model.parameters():
+        p.clear_gradient()
+    d_loss.backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in task.model.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in task.disc.parameters())
+    assert task.phase_loss("discriminator", batch, step=0)[0] is None  # before disc_start
+
+
+def test_dead_codes_restart_from_encoder_outputs(tmp_path):
+    model = build_task(_cfg(tmp_path)).model
+    q = model.quantizer
+    model.train()
+    z = paddle.randn([2, q.dim, 4, 4]) * 5 + 100  # far from every initial code
+    q(z)  # usage starts at zero: every code is re-seeded from the batch
+    flat = z.transpose([0, 2, 3, 1]).reshape([-1, q.dim]).numpy()
+    book = q.codebook.numpy()
+    dists = ((book[:, None, :] - flat[None]) ** 2).sum(-1).min(1)
+    assert dists.max() < 1e-6
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    over = ["Train.max_steps=6", "Train.save_every=3", "Loss.disc_start=2", "Train.accum_steps=2"]
+    full, _ = _train(_cfg(tmp_path / "full", *over))
+    resumed, _ = _train(_cfg(tmp_path / "resumed", *over,
+                             f"Global.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000003'}"))
+    assert resumed.history[0]["step"] == 4
+    for name in ("model", "disc"):
+        a, b = full.task.modules()[name].state_dict(), resumed.task.modules()[name].state_dict()
+        for k in a:
+            np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=f"{name}.{k}")
+    assert [h["generator_loss"] for h in full.history[3:]] == [h["generator_loss"] for h in resumed.history]
+
+
+def test_checkpoint_folder_round_trip_and_strict_loading(tmp_path):
+    trainer, _ = _train(_cfg(tmp_path, "Train.max_steps=2"))
+    folder = resolve_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(folder)) == ["config.yaml", "disc.pdparams", "discriminator.pdopt",
+                                          "generator.pdopt", "model.pdparams", "rng.pkl", "trainer_state.json"]
+    model, ckpt_cfg, _ = load_vqgan(str(tmp_path))
+    assert ckpt_cfg.Model == trainer.cfg.Model
+    for k, v in trainer.task.model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), model.state_dict()[k].numpy())
+    bigger = build_task(_cfg(tmp_path, "Model.num_codes=32")).model
+    with pytest.raises(CheckpointError, match="codebook.*shape"):
+        load_state_strict(bigger, os.path.join(folder, "model.pdparams"))
+    with pytest.raises(CheckpointError, match="not a ppvilg checkpoint"):
+        resolve_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_perceptual_loss_reads_user_weights(tmp_path):
+    from paddle.vision.models import vgg16
+    from ppvilg.vq.losses import VGGPerceptual
+    with pytest.raises(FileNotFoundError, match="perceptual_weights"):
+        VGGPerceptual(str(tmp_path / "none.pdparams"))
+    paddle.save(vgg16(pretrained=False, with_pool=False, num_classes=0).state_dict(), str(tmp_path / "v.pdparams"))
+    loss = VGGPerceptual(str(tmp_path / "v.pdparams"))
+    x = paddle.uniform([1, 3, 32, 32], min=-1, max=1)
+    assert float(loss(x, x).sum()) == 0.0 and float(loss(x, -x).sum()) > 0

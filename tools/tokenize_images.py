@@ -1,0 +1,39 @@
+"""Turn a data split into VQ code shards for stage 2:
+python tools/tokenize_images.py -c CONFIG -o Global.checkpoint=VQ_CKPT --split train --out output/demo/codes/train
+
+Writes <out>/shard_NNNNN.npz (codes [N, h, w] int32, index, text, meta as JSON strings) and <out>/index.json
+(the tokenizer checkpoint, grid, codebook size, the data section, per-shard counts, skipped images and
+whether it is complete). Each shard and the index are written atomically; running the same command again
+after an interruption continues after the last complete shard.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
+from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
+from ppvilg.data.shards import tokenize_to_shards  # noqa: E402
+from ppvilg.engine.vqgan_task import load_vqgan  # noqa: E402
+
+
+def main(argv=None):
+    p = config_parser(__doc__)
+    p.add_argument("--split", default="train", choices=["train", "eval"], help="which Data.<split> to encode")
+    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p.add_argument("--shard-size", type=int, default=4096, help="pairs per shard")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    args = p.parse_args(argv)
+    cfg = load_or_exit(args)
+    setup_from_config(cfg)
+    model, _, folder = load_vqgan(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
+    index = tokenize_to_shards(model, folder, cfg.Data[args.split], cfg.Data.image_size, args.out,
+                               args.shard_size, args.batch_size, cfg.Data.num_workers)
+    get_logger().info(f"{args.out}: {index['num_items']} pairs in {len(index['shards'])} shards, "
+                      f"{len(index['skipped'])} images skipped")
+    print(json.dumps({k: index[k] for k in ("num_items", "grid", "num_codes", "complete")}))
+
+
+if __name__ == "__main__":
+    main()
