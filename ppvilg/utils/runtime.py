@@ -6,6 +6,7 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore", message="No ccache found")  # paddle's cpp_extension nags at import time
+warnings.filterwarnings("ignore", message="When training, we now always track global mean")  # BatchNorm notice
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402

@@ -40,8 +40,8 @@ class VQGANConfig:
     PRESETS = {
         "tiny": dict(base_channels=16, channel_mult=[1, 2], norm_groups=8, z_channels=16, embed_dim=8,
                      num_codes=64, resolution=16),
-        "shapes": dict(base_channels=64, channel_mult=[1, 2, 2], norm_groups=16, z_channels=64, embed_dim=32,
-                       num_codes=256, resolution=32),
+        "shapes": dict(base_channels=32, channel_mult=[1, 1, 2], norm_groups=8, z_channels=32, embed_dim=16,
+                       num_codes=256, ema_decay=0.95, resolution=32),
         "paper_f8_8192": dict(base_channels=128, channel_mult=[1, 1, 2, 2], num_res_blocks=2,
                               attn_resolutions=[32], norm_groups=32, z_channels=256, embed_dim=256,
                               num_codes=8192, resolution=256),
