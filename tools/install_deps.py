@@ -22,7 +22,7 @@ def main():
         print("install_deps: a paddle build is already installed; leaving it as it is")
     print(f"install_deps: pip install {' '.join(lines)}", flush=True)
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", *lines])
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                            "-e", ROOT])
     open(stamp, "w").close()
 
