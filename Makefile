@@ -5,7 +5,6 @@ PYTHON ?= python
 else
 PYTHON ?= .venv/bin/python
 endif
-export OMP_NUM_THREADS ?= 2
 
 .PHONY: install demo test clean-demo
 

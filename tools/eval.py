@@ -3,7 +3,7 @@
 
 The model's architecture comes from the checkpoint; data and evaluation settings from CONFIG. Without
 Global.checkpoint, the newest checkpoint under CONFIG's Global.output_dir is used. Results are printed and
-written to <output_dir>/eval/<split>.json and .md.
+written to <output_dir>/eval/<split>.json and .md, with the task's image grids as <split>_<name>.png.
 """
 import json
 import os
@@ -15,6 +15,7 @@ from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
 from ppvilg.config import _to_config  # noqa: E402
 from ppvilg.data.datasets import build_dataset  # noqa: E402
+from ppvilg.data.images import write_png  # noqa: E402
 from ppvilg.engine.checkpoint import load_state_strict, read_meta, resolve_checkpoint  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
 from ppvilg.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -39,12 +40,14 @@ def main(argv=None):
     task.eval()
     dataset = build_dataset(cfg.Data[args.split], cfg.Data.image_size)
     log.info(f"evaluating {folder} on Data.{args.split} ({len(dataset)} pairs)")
-    metrics, _ = task.evaluate(dataset)
+    metrics, images = task.evaluate(dataset)
     result = {"checkpoint": os.path.abspath(folder), "step": meta["step"], "split": args.split, **metrics}
     out = os.path.join(cfg.Global.output_dir, "eval")
     atomic_write_json(os.path.join(out, f"{args.split}.json"), result)
     table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in metrics.items())
     atomic_write_text(os.path.join(out, f"{args.split}.md"), table)
+    for name, img in images.items():
+        write_png(os.path.join(out, f"{args.split}_{name}.png"), img)
     print(json.dumps(result, indent=2))
 
 
