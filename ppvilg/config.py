@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 
 
 DATASET_DEFAULTS = {
-    "source": "shapes",      # shapes | manifest | coco
-    "path": None,            # manifest (.jsonl/.tsv) or COCO captions JSON
+    "source": "shapes",      # shapes | manifest | coco | shards (VQ codes from tools/tokenize_images.py)
+    "path": None,            # manifest (.jsonl/.tsv), COCO captions JSON, or a shard folder
     "image_root": None,      # COCO: folder of the images (default: beside the JSON)
     "split": "train",        # shapes: train | heldout
     "num_samples": 2000,     # shapes: how many pairs
@@ -285,8 +285,9 @@ def validate_and_derive(cfg, origin):
         raise ConfigError(f"{origin}: Optimizer.betas must have two values, got {o.betas!r}")
     for split in ("train", "eval"):
         d = cfg.Data[split]
-        if d.source not in ("shapes", "manifest", "coco"):
-            raise ConfigError(f"{origin}: Data.{split}.source must be shapes, manifest or coco, got {d.source!r}")
+        if d.source not in ("shapes", "manifest", "coco", "shards"):
+            raise ConfigError(f"{origin}: Data.{split}.source must be shapes, manifest, coco or shards, "
+                              f"got {d.source!r}")
         if d.source != "shapes" and not d.path:
             raise ConfigError(f"{origin}: Data.{split}.path is required for source '{d.source}'")
         if d.lang not in ("zh", "en", "both"):

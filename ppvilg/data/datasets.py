@@ -9,17 +9,22 @@ import paddle
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array
 from ppvilg.data.pairs import read_coco_captions, read_manifest
 from ppvilg.data.shapes import ShapesPairs
+from ppvilg.data.shards import CodeShards
 
 
 class PairDataset(paddle.io.Dataset):
-    """Image-text pairs as model inputs: dict(image=float32 3xSxS in [-1,1], text=str, index=int)."""
+    """Image-text pairs as model inputs: dict(image=float32 3xSxS in [-1,1], text=str, index=int), or
+    dict(codes=int32 [h, w], text=str, index=int) for a shard folder of VQ codes."""
 
     def __init__(self, section, image_size):
         self.image_size = int(image_size)
         self.source = section.source
-        if section.source == "shapes":
+        self.shards = self.shapes = self.pairs = None
+        if section.source == "shards":
+            self.shards = CodeShards(section.path)
+            n = len(self.shards)
+        elif section.source == "shapes":
             self.shapes = ShapesPairs(section.split, section.num_samples, image_size, section.lang, section.seed)
-            self.pairs = None
             n = len(self.shapes)
         else:
             self.pairs = (read_manifest(section.path) if section.source == "manifest"
@@ -32,12 +37,11 @@ class PairDataset(paddle.io.Dataset):
     def __len__(self):
         return self.n
 
-    def text(self, i):
-        return self.shapes.item(i)["text"] if self.pairs is None else self.pairs[i].text
-
     def __getitem__(self, i):
         i = int(i)
-        if self.pairs is None:
+        if self.shards is not None:
+            return {"codes": self.shards.codes[i], "text": self.shards.text[i], "index": i}
+        if self.shapes is not None:
             item = self.shapes.item(i)
             return {"image": to_tensor_array(item["image"]), "text": item["text"], "index": i}
         pair = self.pairs[i]
@@ -53,8 +57,9 @@ def collate_pairs(items):
     batch = {"skipped": [it["skipped"] for it in items if "skipped" in it],
              "text": [it["text"] for it in good],
              "index": np.array([it["index"] for it in good], np.int64)}
-    if good:
-        batch["image"] = np.stack([it["image"] for it in good])
+    for key in ("image", "codes"):
+        if good and key in good[0]:
+            batch[key] = np.stack([it[key] for it in good])
     return batch
 
 

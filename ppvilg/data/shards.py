@@ -12,7 +12,6 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from ppvilg.data.datasets import build_dataset, collate_pairs
 from ppvilg.utils.io import atomic_write_bytes, atomic_write_json
 from ppvilg.utils.runtime import get_logger
 
@@ -21,13 +20,16 @@ class ShardError(RuntimeError):
     pass
 
 
-def _source_meta(section, dataset, i):
-    if dataset.pairs is None:
-        return dataset.shapes.item(i)["attrs"]
+def _source_meta(dataset, i):
+    if dataset.shapes is not None:
+        return dataset.shapes.attrs(i)[1]
     return dataset.pairs[i].meta
 
 
 def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, batch_size, num_workers=0):
+    from ppvilg.data.datasets import build_dataset, collate_pairs
+    if section.source == "shards":
+        raise ShardError("tokenize_images needs an image source (shapes, manifest or coco), not shards")
     log = get_logger()
     dataset = build_dataset(section, image_size)
     f = model.config.downsample
@@ -77,7 +79,7 @@ def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, 
                 codes.append(model.encode(batch["image"]).numpy().astype(np.int32))
                 idx += ids
                 texts += batch["text"]
-                metas += [_source_meta(section, dataset, i) for i in ids]
+                metas += [_source_meta(dataset, i) for i in ids]
             bar.update(len(batch["skipped"]) + len(batch["text"]))
             if consumed >= shard_size:
                 flush()

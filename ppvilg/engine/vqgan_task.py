@@ -74,6 +74,10 @@ class VQGANTask(Task):
             if ch % m.norm_groups:
                 raise ConfigError(f"{origin}: Model.norm_groups ({m.norm_groups}) must divide every channel "
                                   f"width (got {ch})")
+        for split in ("train", "eval"):
+            if cfg.Data[split].source == "shards":
+                raise ConfigError(f"{origin}: Data.{split}.source 'shards' holds VQ codes; the VQGAN trains on "
+                                  "images (shapes, manifest or coco)")
         if loss.recon not in ("l1", "l2"):
             raise ConfigError(f"{origin}: Loss.recon must be l1 or l2, got {loss.recon!r}")
         if loss.perceptual_weight > 0 and not loss.perceptual_weights:
