@@ -15,6 +15,9 @@ install:
 demo: install
 	$(PYTHON) tools/train.py -c configs/demo/vqgan_shapes.yaml
 	$(PYTHON) tools/eval.py -c configs/demo/vqgan_shapes.yaml
+	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split train --out output/demo/codes/train
+	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split eval --out output/demo/codes/heldout
+	$(PYTHON) tools/train.py -c configs/demo/vilg_shapes.yaml
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -5,10 +5,11 @@ setup(
     version="0.1.0",
     description="ERNIE-ViLG in PaddlePaddle: unified bidirectional text<->image generation over VQ tokens",
     packages=find_packages(include=["ppvilg", "ppvilg.*"]),
-    package_data={"ppvilg": ["data/assets/*"]},
+    package_data={"ppvilg": ["data/assets/*", "text/assets/*"]},
     python_requires=">=3.9",
     install_requires=[
         # paddlepaddle (CPU) or paddlepaddle-gpu is installed separately; see README
         "numpy>=2,<3", "opencv-python-headless", "PyYAML", "scipy", "scikit-image", "visualdl", "pycocotools", "tqdm",
+        "paddlenlp==2.8.1", "huggingface-hub<1.0", "aistudio-sdk<0.3", "jieba",
     ],
 )

@@ -1,6 +1,6 @@
 """Build ppvilg's offline WordPiece vocabulary (ppvilg/text/assets/vocab.txt), used when no ERNIE vocab.txt
 is given: ERNIE's special tokens, every distinct character of jieba's dictionary (CJK characters ordered by
-frequency), printable ASCII characters and their '##' continuations (so any English word can be spelled),
+frequency), CJK punctuation, printable ASCII characters and their '##' continuations (so any English word can be spelled),
 and a list of common English words (ppvilg/text/assets/english_words.txt) so that everyday English is not
 spelled letter by letter.   python tools/build_vocab.py [--out PATH]
 """
@@ -12,6 +12,7 @@ from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+CJK_PUNCTUATION = list("。，、；：？！“”‘’（）《》〈〉【】「」『』…—～·")
 
 
 def build(jieba_dict, english_words):
@@ -25,7 +26,8 @@ def build(jieba_dict, english_words):
     chars = [c for c, _ in freq.most_common() if not c.isspace() and not (c.isascii() and c.isupper())]
     ascii_chars = [c for c in string.printable if not c.isspace() and not c.isupper()]
     vocab, seen = [], set()
-    for tok in SPECIALS + ascii_chars + ["##" + c for c in ascii_chars if c.isalnum()] + english_words + chars:
+    pieces = ["##" + c for c in ascii_chars if c.isalnum()]
+    for tok in SPECIALS + ascii_chars + pieces + CJK_PUNCTUATION + english_words + chars:
         if tok not in seen:
             seen.add(tok)
             vocab.append(tok)

@@ -1,5 +1,5 @@
 """Importing this module registers every task (and the model configs they use)."""
-from ppvilg.engine import vqgan_task  # noqa: F401
+from ppvilg.engine import vilg_task, vqgan_task  # noqa: F401
 from ppvilg.registry import TASKS
 
 

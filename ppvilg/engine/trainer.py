@@ -178,15 +178,15 @@ class Trainer:
         while self.step < tc.max_steps:
             logs = self.train_step(batches)
             self.step += 1
-            n_last += logs.pop("_images")
+            n_last += logs.pop("_samples")
             self.history.append(dict(logs, step=self.step))
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 dt = time.time() - t_last
-                logs["images_per_s"] = n_last / max(dt, 1e-9)
+                logs["samples_per_s"] = n_last / max(dt, 1e-9)
                 logs["lr"] = self.opts[next(iter(self.opts))].get_lr()
                 t_last, n_last = time.time(), 0
-                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "images_per_s")})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "samples_per_s")})
                 self.log.info(f"step {self.step}/{tc.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 self.log_scalars("train", logs)
             last = self.step == tc.max_steps
@@ -201,16 +201,16 @@ class Trainer:
 
     def train_step(self, batches):
         tc = self.cfg.Train
-        sums, used, n_images = {}, set(), 0
+        sums, used, n_samples = {}, set(), 0
         for _ in range(tc.accum_steps):
             batch = next(batches)
             if batch["skipped"]:
                 self.skipped += len(batch["skipped"])
                 for msg in batch["skipped"]:
                     self.log.warning(f"skipped image: {msg} ({self.skipped} skipped so far)")
-            if "image" not in batch:
+            if not batch["text"]:  # every item of this micro-batch was skipped
                 continue
-            n_images += len(batch["text"])
+            n_samples += len(batch["text"])
             for phase in self.opts:
                 with paddle.amp.auto_cast(**self.amp_kwargs):
                     loss, logs = self.task.phase_loss(phase, batch, self.step)
@@ -231,5 +231,5 @@ class Trainer:
         if f"{first}_loss" in sums:
             sums["loss"] = sums[f"{first}_loss"]
         sums["skipped_images"] = self.skipped
-        sums["_images"] = n_images
+        sums["_samples"] = n_samples
         return sums

@@ -27,7 +27,7 @@ class ViLGConfig:
     num_heads: int = 8
     ffn_mult: int = 4
     dropout: float = 0.0
-    text_vocab_size: int = 12268     # the project's vocab.txt; set to your ERNIE vocab's size
+    text_vocab_size: int = 12295     # the project's vocab.txt; set to your ERNIE vocab's size
     max_text_len: int = 32           # text slots per segment, [SEP] included
     num_codes: int = 256             # image vocabulary = the VQ tokenizer's codebook
     grid: int = 8                    # image codes per side (image_size / downsampling factor)
@@ -36,7 +36,7 @@ class ViLGConfig:
 
     PRESETS = {
         "tiny": dict(num_layers=2, hidden_size=64, num_heads=4, max_text_len=16, num_codes=64, grid=8),
-        "shapes": dict(num_layers=4, hidden_size=256, num_heads=8, max_text_len=24, num_codes=256, grid=8),
+        "shapes": dict(num_layers=4, hidden_size=128, num_heads=4, max_text_len=24, num_codes=256, grid=8),
         "base_300m": dict(num_layers=24, hidden_size=1024, num_heads=16, max_text_len=64, num_codes=8192,
                           grid=32),
         "10b": dict(num_layers=48, hidden_size=4096, num_heads=64, max_text_len=64, num_codes=8192, grid=32),
@@ -56,7 +56,7 @@ class Attention(nn.Layer):
     def __init__(self, d, heads, dropout):
         super().__init__()
         self.heads, self.head_dim = heads, d // heads
-        self.qkv = nn.Linear(d, 3 * d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
         self.dropout = dropout
 
@@ -64,8 +64,9 @@ class Attention(nn.Layer):
         """x [B, S, D]; mask: additive float [B, 1, S, S_total]. cache: (k, v) of earlier slots, or None.
         Returns (out, (k, v)) with k, v covering earlier + these slots: [B, H, S_total, Dh]."""
         b, s, _ = x.shape
-        qkv = self.qkv(x).reshape([b, s, 3, self.heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # separate projections: on CPU the backward of slicing or splitting a fused qkv is slower than them
+        q, k, v = [f(x).reshape([b, s, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
+                   for f in (self.q, self.k, self.v)]
         if cache is not None:
             k = paddle.concat([cache[0], k], axis=2)
             v = paddle.concat([cache[1], v], axis=2)
@@ -151,16 +152,20 @@ class ViLG(nn.Layer):
         return self.text_head(h) + self.text_bias
 
     # ---- training / scoring ---------------------------------------------------------------------------
-    def forward(self, ids, valid, layout, labels=None):
-        """ids [B, S] int64, valid [B, S] bool (numpy), layout: Layout.
-        Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None)."""
+    def hidden(self, ids, valid, layout):
+        """Last-layer hidden states [B, S, D] (before the final LN) of a full sequence."""
         kind, pos = layout.arrays()
         x = self.embed(ids, kind, pos)
         masks = self.layer_masks(layout, np.asarray(valid), x.dtype)
         for block, m in zip(self.blocks, masks):
             x, _ = block(x, m)
-        tgt = layout.target_slice()
-        logits = self.head(x[:, tgt], layout.kinds[-1])
+        return x
+
+    def forward(self, ids, valid, layout, labels=None):
+        """ids [B, S] int64, valid [B, S] bool (numpy), layout: Layout.
+        Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None)."""
+        x = self.hidden(ids, valid, layout)
+        logits = self.head(x[:, layout.target_slice()], layout.kinds[-1])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), ignore_index=-100,

@@ -1,0 +1,207 @@
+"""Stage 2 task: the unified transformer trained on both directions of every pair,
+L = t2i_weight * L_text->image + i2t_weight * L_image->text (the paper: 1 : 1).
+
+Inputs are VQ code shards (Data.<split>.source: shards, written by tools/tokenize_images.py) or images encoded
+on the fly by the frozen stage-1 tokenizer named in Tokenizer.checkpoint. Optional condition dropout replaces
+a pair's text by the empty text ([SEP] alone) in the text->image direction, so that sampling can use
+classifier-free guidance.
+"""
+import dataclasses
+
+import numpy as np
+import paddle
+
+from ppvilg.config import ConfigError
+from ppvilg.data.datasets import eval_batches
+from ppvilg.engine.checkpoint import CheckpointError
+from ppvilg.engine.task import Task
+from ppvilg.models.layout import image_to_text, text_to_image
+from ppvilg.models.vilg import ViLG
+from ppvilg.registry import MODEL_CONFIGS, TASKS
+from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
+
+
+def build_vilg(model_section):
+    cls = MODEL_CONFIGS.get(model_section["name"])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return ViLG(cls(**{k: v for k, v in model_section.items() if k in fields}))
+
+
+def _vocab_size(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.rstrip("\n"))
+
+
+class PairBatcher:
+    """Turns (codes [B, h, w], texts) into the id / validity / label arrays of both directions."""
+
+    def __init__(self, tokenizer, config):
+        self.tok, self.c = tokenizer, config
+        self.t2i = text_to_image(config.max_text_len, config.grid)
+        self.i2t = image_to_text(config.max_text_len, config.grid)
+        self.truncated = 0
+
+    def text_ids(self, texts, drop=None):
+        L, out, lens = self.c.max_text_len, [], []
+        for k, t in enumerate(texts):
+            ids = self.tok.encode(t)
+            if len(ids) > L:
+                self.truncated += 1
+                ids = ids[:L - 1] + [self.tok.eos_id]
+            if drop is not None and drop[k]:
+                ids = [self.tok.eos_id]
+            lens.append(len(ids))
+            out.append(ids + [self.tok.pad_id] * (L - len(ids)))
+        return np.asarray(out, np.int64), np.asarray(lens)
+
+    def text_to_image(self, codes, texts, drop=None):
+        b, n = codes.shape[0], self.c.grid ** 2
+        text, lens = self.text_ids(texts, drop)
+        z = codes.reshape([b, n]).astype(np.int64)
+        ids = np.concatenate([text, np.full([b, 1], self.c.num_codes, np.int64), z[:, :-1]], 1)
+        valid = np.concatenate([np.arange(self.c.max_text_len)[None] < lens[:, None], np.ones([b, n], bool)], 1)
+        return ids, valid, z
+
+    def image_to_text(self, codes, texts):
+        b, n, L = codes.shape[0], self.c.grid ** 2, self.c.max_text_len
+        text, lens = self.text_ids(texts)
+        z = codes.reshape([b, n]).astype(np.int64)
+        inp = np.concatenate([np.full([b, 1], self.tok.bos_id, np.int64), text[:, :-1]], 1)
+        ids = np.concatenate([z, inp], 1)
+        valid = np.concatenate([np.ones([b, n], bool), np.arange(L)[None] < lens[:, None]], 1)
+        labels = np.where(np.arange(L)[None] < lens[:, None], text, -100)
+        return ids, valid, labels
+
+
+def unigram_entropy(targets, vocab):
+    """Cross-entropy (nats) of targets under their own empirical unigram distribution: the best any
+    context-free model can do on this very set."""
+    t = np.asarray(targets).ravel()
+    t = t[t >= 0]
+    p = np.bincount(t, minlength=vocab) / max(len(t), 1)
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum())
+
+
+@TASKS.register("vilg")
+class ViLGTask(Task):
+    config_sections = {
+        "Text": {"vocab_file": None},            # None: ppvilg/text/assets/vocab.txt
+        "Tokenizer": {"checkpoint": None},       # stage-1 checkpoint: encodes images on the fly, decodes codes
+        "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0},
+        "Eval": {"batch_size": 64},
+    }
+
+    @classmethod
+    def validate_config(cls, cfg, origin):
+        if cfg.Model.name != "vilg":
+            raise ConfigError(f"{origin}: Global.task 'vilg' needs Model.name 'vilg', got {cfg.Model.name!r}")
+        vocab = cfg.Text.vocab_file or DEFAULT_VOCAB
+        try:
+            n = _vocab_size(vocab)
+        except OSError as e:
+            raise ConfigError(f"{origin}: Text.vocab_file: cannot read {vocab!r} ({e.strerror})") from None
+        if cfg.Model.text_vocab_size != n:
+            raise ConfigError(f"{origin}: Model.text_vocab_size is {cfg.Model.text_vocab_size} but the vocabulary "
+                              f"{vocab} has {n} tokens; set -o Model.text_vocab_size={n}")
+        if cfg.Model.attention not in ("dense", "sparse"):
+            raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
+        if cfg.Model.hidden_size % cfg.Model.num_heads:
+            raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
+        if not 0.0 <= cfg.Loss.cond_dropout < 1.0:
+            raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
+        for split in ("train", "eval"):
+            if cfg.Data[split].source != "shards" and not cfg.Tokenizer.checkpoint:
+                raise ConfigError(f"{origin}: Data.{split}.source '{cfg.Data[split].source}' gives images; "
+                                  "set Tokenizer.checkpoint to the stage-1 checkpoint that encodes them, or "
+                                  "use shards from tools/tokenize_images.py")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model = build_vilg(cfg.Model)
+        self.tokenizer = TextTokenizer(cfg.Text.vocab_file)
+        self.batcher = PairBatcher(self.tokenizer, self.model.config)
+        self._vq = None
+
+    @property
+    def vq(self):
+        """The frozen stage-1 tokenizer (Tokenizer.checkpoint), loaded on first use."""
+        if self._vq is None:
+            if not self.cfg.Tokenizer.checkpoint:
+                raise RuntimeError("images need the stage-1 tokenizer: set Tokenizer.checkpoint")
+            from ppvilg.engine.vqgan_task import load_vqgan
+            vq, vq_cfg, folder = load_vqgan(self.cfg.Tokenizer.checkpoint)
+            for p in vq.parameters():
+                p.stop_gradient = True
+            c, grid = self.model.config, vq_cfg.Data.image_size // vq.config.downsample
+            if (vq.config.num_codes, grid) != (c.num_codes, c.grid):
+                raise CheckpointError(f"{folder}: the tokenizer makes {vq.config.num_codes} codes on a {grid}x{grid} "
+                                      f"grid, the model expects Model.num_codes={c.num_codes}, Model.grid={c.grid}")
+            self._vq = vq
+        return self._vq
+
+    def modules(self):
+        return {"model": self.model}
+
+    def phases(self):
+        return {"model": (self.model.parameters(), {})}
+
+    def codes_of(self, batch):
+        if "codes" in batch:
+            codes = batch["codes"]
+            codes = codes.numpy() if isinstance(codes, paddle.Tensor) else np.asarray(codes)
+            if codes.shape[1:] != (self.model.config.grid, self.model.config.grid):
+                raise CheckpointError(f"the data's code grid is {codes.shape[1:]}, the model expects "
+                                      f"{self.model.config.grid}x{self.model.config.grid} (Model.grid)")
+            if codes.max() >= self.model.config.num_codes:
+                raise CheckpointError(f"the data has code {codes.max()}, the model knows "
+                                      f"{self.model.config.num_codes} (Model.num_codes)")
+            return codes
+        with paddle.no_grad():
+            return self.vq.encode(paddle.to_tensor(batch["image"])).numpy()
+
+    def losses(self, codes, texts, drop=None):
+        m, b = self.model, self.batcher
+        ids, valid, labels = b.text_to_image(codes, texts, drop)
+        _, l_t2i = m(paddle.to_tensor(ids), valid, b.t2i, paddle.to_tensor(labels))
+        ids, valid, labels = b.image_to_text(codes, texts)
+        _, l_i2t = m(paddle.to_tensor(ids), valid, b.i2t, paddle.to_tensor(labels))
+        return l_t2i, l_i2t
+
+    def phase_loss(self, phase, batch, step):
+        codes = self.codes_of(batch)
+        drop = None
+        if self.cfg.Loss.cond_dropout > 0:
+            drop = (paddle.rand([len(batch["text"])]) < self.cfg.Loss.cond_dropout).numpy()  # paddle RNG: resumable
+        l_t2i, l_i2t = self.losses(codes, batch["text"], drop)
+        loss = self.cfg.Loss.t2i_weight * l_t2i + self.cfg.Loss.i2t_weight * l_i2t
+        return loss, {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t),
+                      "truncated_texts": self.batcher.truncated}
+
+    @paddle.no_grad()
+    def evaluate(self, dataset):
+        self.model.eval()
+        sums = {"t2i": 0.0, "i2t": 0.0}
+        counts = {"t2i": 0, "i2t": 0}
+        t2i_targets, i2t_targets = [], []
+        for batch in eval_batches(dataset, self.cfg.Eval.batch_size):
+            if "codes" not in batch and "image" not in batch:
+                continue
+            codes = self.codes_of(batch)
+            l_t2i, l_i2t = self.losses(codes, batch["text"])
+            _, _, lab_img = self.batcher.text_to_image(codes, batch["text"])
+            _, _, lab_txt = self.batcher.image_to_text(codes, batch["text"])
+            n_img, n_txt = lab_img.size, int((lab_txt >= 0).sum())
+            sums["t2i"] += float(l_t2i) * n_img
+            sums["i2t"] += float(l_i2t) * n_txt
+            counts["t2i"] += n_img
+            counts["i2t"] += n_txt
+            t2i_targets.append(lab_img.ravel())
+            i2t_targets.append(lab_txt.ravel())
+        self.model.train()
+        if not counts["t2i"]:
+            raise RuntimeError("evaluation found no data")
+        c = self.model.config
+        return {"t2i_loss": sums["t2i"] / counts["t2i"], "i2t_loss": sums["i2t"] / counts["i2t"],
+                "t2i_unigram": unigram_entropy(np.concatenate(t2i_targets), c.num_codes),
+                "i2t_unigram": unigram_entropy(np.concatenate(i2t_targets), c.text_vocab_size)}, {}

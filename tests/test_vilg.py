@@ -1,0 +1,179 @@
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT
+from ppvilg.config import ConfigError, load_config
+from ppvilg.data.shards import tokenize_to_shards
+from ppvilg.engine.tasks import build_task
+from ppvilg.engine.trainer import Trainer
+from ppvilg.engine.vilg_task import PairBatcher
+from ppvilg.models.layout import image_to_text, layer_pattern, pattern_mask, text_to_image, vqa
+from ppvilg.models.vilg import ViLG, ViLGConfig, count_parameters
+from ppvilg.text.tokenizer import TextTokenizer
+from ppvilg.utils.runtime import seed_everything
+
+TINY = os.path.join(ROOT, "configs/tests/vilg_tiny.yaml")
+VQ_TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
+
+
+def _model(attention="dense", layers=2):
+    paddle.seed(0)
+    m = ViLG(ViLGConfig(**dict(ViLGConfig.PRESETS["tiny"], attention=attention, num_layers=layers)))
+    m.eval()
+    return m
+
+
+def _ids(layout, seed=0, vocab=60):
+    return np.random.default_rng(seed).integers(0, vocab, [2, layout.length]).astype(np.int64)
+
+
+def _hidden(m, ids, valid, layout):
+    return m.hidden(paddle.to_tensor(ids), valid, layout).numpy()
+
+
+LAYOUTS = {"t2i": text_to_image(16, 8), "i2t": image_to_text(16, 8), "vqa": vqa(8, 8, 8)}
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_mask_by_perturbation(name, attention):
+    m, lay = _model(attention), LAYOUTS[name]
+    tgt = lay.target_slice()
+    ids, valid = _ids(lay), np.ones([2, lay.length], bool)
+    base = _hidden(m, ids, valid, lay)
+    t0, t_last = tgt.start, lay.length - 1
+    # changing a target token never changes any source output
+    changed = ids.copy()
+    changed[:, t0 + 3] = (changed[:, t0 + 3] + 7) % 60
+    out = _hidden(m, changed, valid, lay)
+    np.testing.assert_array_equal(out[:, :t0], base[:, :t0])
+    # ... nor an earlier target output, while it does change its own and later ones
+    np.testing.assert_array_equal(out[:, t0:t0 + 3], base[:, t0:t0 + 3])
+    assert np.abs(out[:, t0 + 3] - base[:, t0 + 3]).max() > 1e-4
+    # the source is bidirectional: its last token reaches the output before it (same image row if sparse)
+    changed = ids.copy()
+    changed[:, t0 - 1] = (changed[:, t0 - 1] + 7) % 60
+    out = _hidden(m, changed, valid, lay)
+    assert np.abs(out[:, t0 - 2] - base[:, t0 - 2]).max() > 1e-4
+    # the last target token influences nothing but itself
+    changed = ids.copy()
+    changed[:, t_last] = (changed[:, t_last] + 7) % 60
+    np.testing.assert_array_equal(_hidden(m, changed, valid, lay)[:, :t_last], base[:, :t_last])
+
+
+def test_padding_is_invisible():
+    m, lay = _model(), LAYOUTS["t2i"]
+    ids, valid = _ids(lay), np.ones([2, lay.length], bool)
+    valid[:, 10:16] = False  # text slots 10..15 are padding
+    base = _hidden(m, ids, valid, lay)
+    changed = ids.copy()
+    changed[:, 10:16] = 5
+    out = _hidden(m, changed, valid, lay)
+    keep = np.r_[0:10, 16:lay.length]
+    np.testing.assert_array_equal(out[:, keep], base[:, keep])
+
+
+def test_sparse_patterns_and_schedule():
+    assert [layer_pattern(i, 8, "sparse") for i in range(8)] == ["row", "row", "col", "row", "row", "row",
+                                                                  "col", "conv"]
+    assert {layer_pattern(i, 8, "dense") for i in range(8)} == {"dense"}
+    lay = text_to_image(4, 8)  # slots 0..3 text, 4.. image cells 0..63
+    img = lambda r, c: 4 + r * 8 + c  # noqa: E731
+    row, col, conv = (pattern_mask(lay, 8, p) for p in ("row", "col", "conv"))
+    assert row[img(2, 5), img(2, 0)] and not row[img(2, 5), img(1, 5)]
+    assert col[img(2, 5), img(0, 5)] and not col[img(2, 5), img(2, 4)]
+    assert conv[img(6, 6), img(1, 1)] and not conv[img(7, 7), img(1, 1)]
+    assert row[img(3, 3), 0] and col[img(3, 3), 2] and conv[0, img(7, 7)]  # text <-> image stays dense
+    # one conv layer over a bidirectional image source: a code 6 rows away does not reach the output
+    m, lay = _model("sparse", layers=1), LAYOUTS["i2t"]
+    ids, valid = _ids(lay), np.ones([2, lay.length], bool)
+    base = _hidden(m, ids, valid, lay)
+    changed = ids.copy()
+    changed[:, 7 * 8 + 7] = (changed[:, 7 * 8 + 7] + 3) % 60
+    out = _hidden(m, changed, valid, lay)
+    np.testing.assert_array_equal(out[:, 0], base[:, 0])          # cell (0, 0): out of the 11x11 window
+    assert np.abs(out[:, 5 * 8 + 5] - base[:, 5 * 8 + 5]).max() > 1e-4  # cell (5, 5): inside
+
+
+def test_shared_parameters_get_gradients_from_both_directions():
+    paddle.seed(0)
+    m = ViLG(ViLGConfig(**ViLGConfig.PRESETS["tiny"]))
+    batcher = PairBatcher(TextTokenizer(), m.config)
+    codes = np.random.default_rng(0).integers(0, 64, [2, 8, 8])
+    texts = ["一个红色圆形", "a blue square"]
+    shared = [p for n, p in m.named_parameters() if n.startswith("blocks.")]
+    for direction, lay in (("text_to_image", batcher.t2i), ("image_to_text", batcher.i2t)):
+        for p in m.parameters():
+            p.clear_gradient()
+        ids, valid, labels = getattr(batcher, direction)(codes, texts)
+        _, loss = m(paddle.to_tensor(ids), valid, lay, paddle.to_tensor(labels))
+        loss.backward()
+        assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in shared), direction
+
+
+def test_text_tokenizer_round_trips_chinese_and_english():
+    tok = TextTokenizer()
+    for text in ["画面的左上角位置画着一个小的红色圆形", "一只猫坐在窗台上。", "a small red circle at the top left"]:
+        ids = tok.encode(text)
+        assert ids[-1] == tok.eos_id and tok.unk_id not in ids
+        assert tok.decode(ids) == text
+    assert len(tok.encode("红" * 50, max_len=16)) == 16
+
+
+def test_parameter_counts_are_analytic():
+    for preset in ("tiny", "shapes"):
+        for tie in (False, True):
+            c = ViLGConfig(**dict(ViLGConfig.PRESETS[preset], tie_text_head=tie))
+            assert sum(p.size for p in ViLG(c).parameters()) == count_parameters(c)
+    c10 = ViLGConfig(**ViLGConfig.PRESETS["10b"])
+    assert (c10.num_layers, c10.hidden_size, c10.num_heads) == (48, 4096, 64)
+    assert 9.5e9 < count_parameters(c10) < 10.5e9
+    c300 = ViLGConfig(**ViLGConfig.PRESETS["base_300m"])
+    assert (c300.num_layers, c300.hidden_size, c300.num_heads) == (24, 1024, 16)
+    assert 2.8e8 < count_parameters(c300) < 3.6e8
+
+
+def test_vocab_size_must_match_the_vocabulary():
+    with pytest.raises(ConfigError, match="Model.text_vocab_size is 100 but the vocabulary"):
+        load_config(TINY, ["Model.text_vocab_size=100"])
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """Code shards of shapes images from a (randomly initialised) tiny VQ: 8x8 codes, 64 values."""
+    root = tmp_path_factory.mktemp("codes")
+    vq_cfg = load_config(VQ_TINY, ["Data.train.num_samples=96", "Data.eval.num_samples=32"])
+    seed_everything(0)
+    vq = build_task(vq_cfg).model
+    vq.eval()
+    for split, out in (("train", "train"), ("eval", "eval")):
+        tokenize_to_shards(vq, str(root), vq_cfg.Data[split], 16, str(root / out), 64, 32)
+    return root
+
+
+def test_tiny_vilg_trains_and_both_losses_fall(tiny_shards, tmp_path):
+    cfg = load_config(TINY, [f"Global.output_dir={tmp_path}", f"Data.train.path={tiny_shards / 'train'}",
+                             f"Data.eval.path={tiny_shards / 'eval'}", "Train.max_steps=40", "Train.batch_size=8",
+                             "Loss.cond_dropout=0.1"])
+    seed_everything(0)
+    trainer = Trainer(cfg, build_task(cfg))
+    from ppvilg.data.datasets import build_dataset
+    before, _ = trainer.task.evaluate(build_dataset(cfg.Data.eval, cfg.Data.image_size))
+    metrics = trainer.fit()
+    h = trainer.history
+    for key in ("t2i_loss", "i2t_loss"):
+        first, last = np.mean([x[key] for x in h[:5]]), np.mean([x[key] for x in h[-5:]])
+        assert np.isfinite(last) and last < 0.8 * first, (key, first, last)
+    for key in ("t2i_loss", "i2t_loss"):  # held-out losses fall too
+        assert np.isfinite(metrics[key]) and metrics[key] < before[key], (key, before[key], metrics[key])
+
+
+def test_condition_dropout_leaves_only_the_end_token():
+    batcher = PairBatcher(TextTokenizer(), ViLGConfig(**ViLGConfig.PRESETS["tiny"]))
+    codes = np.zeros([2, 8, 8], np.int64)
+    ids, valid, _ = batcher.text_to_image(codes, ["红色圆形", "blue"], drop=np.array([True, False]))
+    assert valid[0, :16].sum() == 1 and ids[0, 0] == batcher.tok.eos_id
+    assert valid[1, :16].sum() == 2 and ids[1, 1] == batcher.tok.eos_id
