@@ -60,21 +60,24 @@ class Attention(nn.Layer):
         self.proj = nn.Linear(d, d)
         self.dropout = dropout
 
-    def forward(self, x, mask, cache=None):
-        """x [B, S, D]; mask: additive float [B, 1, S, S_total]. cache: (k, v) of earlier slots, or None.
-        Returns (out, (k, v)) with k, v covering earlier + these slots: [B, H, S_total, Dh]."""
+    def forward(self, x, mask, cache=None, start=0):
+        """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1, s, S_keys].
+        cache: None (keys = these slots), or a preallocated (k, v) pair [B, H, S_max, Dh] into which these
+        slots' keys and values are written at `start` (inference only); attention then runs over the whole
+        buffer and the mask hides the slots not written yet."""
         b, s, _ = x.shape
         # separate projections: on CPU the backward of slicing or splitting a fused qkv is slower than them
         q, k, v = [f(x).reshape([b, s, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
                    for f in (self.q, self.k, self.v)]
         if cache is not None:
-            k = paddle.concat([cache[0], k], axis=2)
-            v = paddle.concat([cache[1], v], axis=2)
+            cache[0][:, :, start:start + s] = k
+            cache[1][:, :, start:start + s] = v
+            k, v = cache
         att = paddle.matmul(q, k, transpose_y=True) / math.sqrt(self.head_dim) + mask
         att = F.softmax(att.astype("float32"), axis=-1).astype(q.dtype)
         att = F.dropout(att, self.dropout, training=self.training)
         out = paddle.matmul(att, v).transpose([0, 2, 1, 3]).reshape([b, s, -1])
-        return self.proj(out), (k, v)
+        return self.proj(out)
 
 
 class Block(nn.Layer):
@@ -86,10 +89,9 @@ class Block(nn.Layer):
         self.mlp = nn.Sequential(nn.Linear(d, d * c.ffn_mult), nn.GELU(), nn.Linear(d * c.ffn_mult, d),
                                  nn.Dropout(c.dropout))
 
-    def forward(self, x, mask, cache=None):
-        a, kv = self.attn(self.ln1(x), mask, cache)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), kv
+    def forward(self, x, mask, cache=None, start=0):
+        x = x + self.attn(self.ln1(x), mask, cache, start)
+        return x + self.mlp(self.ln2(x))
 
 
 class ViLG(nn.Layer):
@@ -158,7 +160,21 @@ class ViLG(nn.Layer):
         x = self.embed(ids, kind, pos)
         masks = self.layer_masks(layout, np.asarray(valid), x.dtype)
         for block, m in zip(self.blocks, masks):
-            x, _ = block(x, m)
+            x = block(x, m)
+        return x
+
+    # ---- inference with a preallocated KV cache (driven by ppvilg.generation) ---------------------------
+    def new_cache(self, batch, length, dtype="float32"):
+        c = self.config
+        shape = [batch, c.num_heads, length, c.hidden_size // c.num_heads]
+        return [(paddle.zeros(shape, dtype), paddle.zeros(shape, dtype)) for _ in range(c.num_layers)]
+
+    def step(self, ids, kind, pos, masks, cache, start):
+        """Run slots start .. start+s-1 (ids [B, s], kind/pos [s]) against the cache; masks: per layer
+        additive [B, 1, s, S_max] (rows of `layer_masks` for these slots). Returns hidden [B, s, D]."""
+        x = self.embed(ids, kind, pos)
+        for block, m, kv in zip(self.blocks, masks, cache):
+            x = block(x, m, kv, start)
         return x
 
     def forward(self, ids, valid, layout, labels=None):

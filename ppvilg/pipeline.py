@@ -1,0 +1,98 @@
+"""Everything inference needs, loaded from one stage-2 checkpoint folder: the transformer, its text tokenizer,
+the stage-1 tokenizer named in its config (Tokenizer.checkpoint) and a Generator.
+
+    pipe = ViLGPipeline.from_checkpoint("output/demo/vilg")
+    images, codes, scores = pipe.text_to_image(["左上角有一个小红色圆形"], num_candidates=4, rerank=True)
+    pipe.caption(images_rgb)                  # -> list of dicts(text, score, ...)
+    pipe.answer(images_rgb, "这是什么颜色")
+"""
+import os
+
+import numpy as np
+import paddle
+
+from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array, to_uint8_image
+from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, read_meta, resolve_checkpoint
+from ppvilg.engine.vilg_task import build_vilg
+from ppvilg.engine.vqgan_task import load_vqgan
+from ppvilg.generation import Generator
+from ppvilg.text.tokenizer import TextTokenizer
+
+
+class ViLGPipeline:
+    def __init__(self, model, tokenizer, vq, vq_cfg, folder=None):
+        self.model, self.tok, self.vq, self.vq_cfg, self.folder = model, tokenizer, vq, vq_cfg, folder
+        self.image_size = vq_cfg.Data.image_size
+        self.gen = Generator(model, tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path, vq_checkpoint=None):
+        folder = resolve_checkpoint(path)
+        meta, cfg = read_meta(folder)
+        if meta.get("task") != "vilg":
+            raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint; inference needs a stage-2 (vilg) one")
+        model = build_vilg(cfg.Model)
+        load_state_strict(model, os.path.join(folder, "model.pdparams"))
+        model.eval()
+        vq_path = vq_checkpoint or cfg.Tokenizer.checkpoint
+        if not vq_path:
+            raise CheckpointError(f"{folder}: its config names no Tokenizer.checkpoint; give the stage-1 checkpoint")
+        vq, vq_cfg, _ = load_vqgan(vq_path)
+        c = model.config
+        grid = vq_cfg.Data.image_size // vq.config.downsample
+        if (vq.config.num_codes, grid) != (c.num_codes, c.grid):
+            raise CheckpointError(f"{vq_path}: makes {vq.config.num_codes} codes on a {grid}x{grid} grid, the "
+                                  f"transformer expects {c.num_codes} on {c.grid}x{c.grid}")
+        return cls(model, TextTokenizer(cfg.Text.vocab_file), vq, vq_cfg, folder)
+
+    # ---- images <-> codes -------------------------------------------------------------------------------
+    @paddle.no_grad()
+    def decode(self, codes):
+        """int codes [..., grid, grid] -> RGB uint8 images [..., S, S, 3]."""
+        codes = np.asarray(codes)
+        flat = codes.reshape([-1, codes.shape[-2], codes.shape[-1]]).astype(np.int64)
+        out = []
+        for s in range(0, len(flat), 64):
+            x = self.vq.decode_codes(paddle.to_tensor(flat[s:s + 64])).numpy()
+            out += [to_uint8_image(a) for a in x]
+        return np.stack(out).reshape(codes.shape[:-2] + out[0].shape)
+
+    @paddle.no_grad()
+    def encode(self, images):
+        """RGB uint8 images (any size: resized + center-cropped) -> codes [B, grid, grid]."""
+        x = np.stack([to_tensor_array(resize_center_crop(im, self.image_size)) for im in images])
+        return self.vq.encode(paddle.to_tensor(x)).numpy()
+
+    @staticmethod
+    def load_images(paths):
+        out = []
+        for p in paths:
+            try:
+                out.append(read_image(p))
+            except BadImageError as e:
+                raise BadImageError(f"cannot use this image: {e}") from None
+        return out
+
+    # ---- tasks ----------------------------------------------------------------------------------------------
+    def check_text(self, texts):
+        for t in texts:
+            self.tok.encode(t, max_len=self.model.config.max_text_len, truncate=False)
+
+    def text_to_image(self, texts, num_candidates=1, rerank=False, scorer=None, **sampling):
+        """-> (images [T, N, S, S, 3] best first when reranked, codes [T, N, g, g], scores [T, N] or None)."""
+        self.check_text(texts)
+        codes = self.gen.text_to_image(texts, num_candidates=num_candidates, **sampling)
+        images = self.decode(codes)
+        scores = None
+        if rerank:
+            order, scores = self.gen.rerank(texts, codes, scorer=scorer, images=images)
+            idx = np.arange(len(texts))[:, None]
+            codes, images, scores = codes[idx, order], images[idx, order], scores[idx, order]
+        return images, codes, scores
+
+    def caption(self, images, **decoding):
+        return self.gen.image_to_text(self.encode(images), **decoding)
+
+    def answer(self, images, question, **decoding):
+        self.check_text([question])
+        return self.gen.image_to_text(self.encode(images), question=question, **decoding)

@@ -1,0 +1,87 @@
+"""Inference tools on tiny checkpoints trained for a few steps here (quality is not the point; plumbing is)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from ppvilg.config import load_config
+from ppvilg.data.images import write_png
+from ppvilg.data.shards import tokenize_to_shards
+from ppvilg.engine.tasks import build_task
+from ppvilg.engine.trainer import Trainer
+from ppvilg.engine.vqgan_task import load_vqgan
+from ppvilg.utils.runtime import seed_everything
+
+
+def _run(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    seed_everything(0)
+    vq_cfg = load_config(os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml"),
+                         [f"Global.output_dir={root / 'vq'}", "Train.max_steps=2", "Data.eval.num_samples=16"])
+    Trainer(vq_cfg, build_task(vq_cfg)).fit()
+    vq, _, folder = load_vqgan(str(root / "vq"))
+    for split in ("train", "eval"):
+        tokenize_to_shards(vq, folder, vq_cfg.Data[split], 16, str(root / "codes" / split), 64, 32)
+    cfg = load_config(os.path.join(ROOT, "configs/tests/vilg_tiny.yaml"),
+                      [f"Global.output_dir={root / 'vilg'}", f"Tokenizer.checkpoint={root / 'vq'}",
+                       f"Data.train.path={root / 'codes' / 'train'}", f"Data.eval.path={root / 'codes' / 'eval'}",
+                       "Train.max_steps=2"])
+    Trainer(cfg, build_task(cfg)).fit()
+    img = np.zeros((40, 30, 3), np.uint8)
+    img[10:20, 5:15] = (230, 30, 30)
+    write_png(str(root / "red.png"), img)
+    return root
+
+
+def test_infer_text_to_image_writes_pngs_and_grid(run_dirs, tmp_path):
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--text", "左上角有一个小红色圆形", "--num", "3", "--rerank",
+             "--top-k", "5", "--out", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["images"]) == 3 and all(os.path.isfile(p) for p in out["images"]) and os.path.isfile(out["grid"])
+    assert out["scores"] == sorted(out["scores"], reverse=True)
+
+
+def test_infer_caption_and_answer(run_dirs):
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(run_dirs / "red.png"), "--json",
+             "--method", "greedy", "--max-len", "6")
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(r.stdout.strip().splitlines()[-1])["text"], str)
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(run_dirs / "red.png"), "--question", "什么颜色",
+             "--json", "--max-len", "4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["question"] == "什么颜色"
+
+
+def test_infer_errors_are_clear(run_dirs, tmp_path):
+    r = _run("tools/infer.py", str(tmp_path / "nope"), "--text", "x")
+    assert r.returncode == 2 and "not a ppvilg checkpoint" in r.stderr
+    r = _run("tools/infer.py", str(run_dirs / "vq"), "--text", "x")
+    assert r.returncode == 2 and "needs a stage-2" in r.stderr
+    (tmp_path / "bad.png").write_text("no")
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(tmp_path / "bad.png"))
+    assert r.returncode == 2 and "bad.png" in r.stderr
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--text", "红" * 40)
+    assert r.returncode == 2 and "the model allows 16" in r.stderr
+
+
+def test_shapes_report_keys(run_dirs, tmp_path):
+    r = _run("tools/shapes_report.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", f"Global.output_dir={run_dirs / 'vilg'}",
+             "-o", f"Data.eval.path={run_dirs / 'codes' / 'eval'}", "-o", f"Tokenizer.checkpoint={run_dirs / 'vq'}",
+             "--out", str(tmp_path), "--num-prompts", "4", "--candidates", "2")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "report.json").read_text())
+    for key in ("t2i_attribute_accuracy", "caption_attribute_accuracy", "caption_bleu4", "caption_cider"):
+        assert 0.0 <= rep[key] <= 10.0
+    assert 0.0 <= rep["t2i_attribute_accuracy"] <= 1.0 and 0.0 <= rep["caption_attribute_accuracy"] <= 1.0
+    assert rep["vq_psnr"] > 0 and len(os.listdir(tmp_path / "t2i")) == 4
