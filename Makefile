@@ -15,9 +15,10 @@ install:
 demo: install
 	$(PYTHON) tools/train.py -c configs/demo/vqgan_shapes.yaml
 	$(PYTHON) tools/eval.py -c configs/demo/vqgan_shapes.yaml
-	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split train --out output/demo/codes/train
-	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split eval --out output/demo/codes/heldout
+	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split train --out output/demo/codes/train --overwrite
+	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split eval --out output/demo/codes/heldout --overwrite
 	$(PYTHON) tools/train.py -c configs/demo/vilg_shapes.yaml
+	$(PYTHON) tools/shapes_report.py -c configs/demo/vilg_shapes.yaml --out output/demo
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -66,9 +66,13 @@ def test_tokenize_shards_resume_after_interruption(tiny_run, tmp_path):
     from ppvilg.data.datasets import build_dataset
     x = paddle.to_tensor(build_dataset(cfg.Data.train, 16)[20]["image"][None])
     assert (model.encode(x).numpy()[0] == item["codes"]).all()
-    with pytest.raises(ShardError, match="another tokenizer or data section"):
-        other = load_config(TINY, [f"Global.output_dir={tiny_run}", "Data.train.num_samples=5"])
+    other = load_config(TINY, [f"Global.output_dir={tiny_run}", "Data.train.num_samples=5"])
+    with pytest.raises(ShardError, match="another tokenizer"):
         tokenize_to_shards(model, folder, other.Data.train, 16, str(full), shard_size=8, batch_size=4)
+    index = tokenize_to_shards(model, folder, other.Data.train, 16, str(full), shard_size=8, batch_size=4,
+                               overwrite=True)
+    assert index["num_items"] == 5 and len(CodeShards(str(full))) == 5
+    assert sorted(os.listdir(full)) == ["index.json", "shard_00000.npz"]
 
 
 def test_prepare_photos_manifest_reads_back(tmp_path):

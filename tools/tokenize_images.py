@@ -4,7 +4,8 @@ python tools/tokenize_images.py -c CONFIG -o Global.checkpoint=VQ_CKPT --split t
 Writes <out>/shard_NNNNN.npz (codes [N, h, w] int32, index, text, meta as JSON strings) and <out>/index.json
 (the tokenizer checkpoint, grid, codebook size, the data section, per-shard counts, skipped images and
 whether it is complete). Each shard and the index are written atomically; running the same command again
-after an interruption continues after the last complete shard.
+after an interruption continues after the last complete shard. Shards written by other tokenizer weights or
+another data section are an error, or are replaced with --overwrite.
 """
 import json
 import os
@@ -24,12 +25,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder for the shards and index.json")
     p.add_argument("--shard-size", type=int, default=4096, help="pairs per shard")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards in --out that another tokenizer, other weights or other data wrote")
     args = p.parse_args(argv)
     cfg = load_or_exit(args)
     setup_from_config(cfg)
     model, _, folder = load_vqgan(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
     index = tokenize_to_shards(model, folder, cfg.Data[args.split], cfg.Data.image_size, args.out,
-                               args.shard_size, args.batch_size, cfg.Data.num_workers)
+                               args.shard_size, args.batch_size, cfg.Data.num_workers, args.overwrite)
     get_logger().info(f"{args.out}: {index['num_items']} pairs in {len(index['shards'])} shards, "
                       f"{len(index['skipped'])} images skipped")
     print(json.dumps({k: index[k] for k in ("num_items", "grid", "num_codes", "complete")}))

@@ -4,6 +4,7 @@
 (position in the source split), `text` and `meta` (JSON per item). Shards are written atomically, then the
 index, so an interrupted run resumes after its last complete shard.
 """
+import hashlib
 import io
 import json
 import os
@@ -20,27 +21,47 @@ class ShardError(RuntimeError):
     pass
 
 
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _source_meta(dataset, i):
     if dataset.shapes is not None:
         return dataset.shapes.attrs(i)[1]
     return dataset.pairs[i].meta
 
 
-def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, batch_size, num_workers=0):
+def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, batch_size, num_workers=0,
+                       overwrite=False):
     from ppvilg.data.datasets import build_dataset, collate_pairs
     if section.source == "shards":
         raise ShardError("tokenize_images needs an image source (shapes, manifest or coco), not shards")
     log = get_logger()
     dataset = build_dataset(section, image_size)
     f = model.config.downsample
-    identity = {"checkpoint": os.path.abspath(checkpoint), "data": section.to_dict(), "image_size": image_size}
+    identity = {"checkpoint": os.path.abspath(checkpoint), "weights_sha256": _sha256(os.path.join(checkpoint,
+                                                                                      "model.pdparams")),
+                "data": section.to_dict(), "image_size": image_size}
     index_path = os.path.join(out, "index.json")
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as fh:
             index = json.load(fh)
-        if {k: index.get(k) for k in identity} != identity:
-            raise ShardError(f"{index_path} was written for another tokenizer or data section; use a new --out "
-                             f"folder (found {index.get('checkpoint')}, data {index.get('data')})")
+        stale = {k: index.get(k) for k in identity} != identity
+        if stale and not overwrite:
+            raise ShardError(f"{index_path} was written for another tokenizer (or other weights) or data section; "
+                             f"use a new --out folder or --overwrite (found {index.get('checkpoint')}, "
+                             f"data {index.get('data')})")
+        if stale:
+            log.info(f"{out}: replacing shards written with other weights or data")
+            for sh in index["shards"]:
+                os.remove(os.path.join(out, sh["file"]))
+            os.remove(index_path)
+            return tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, batch_size,
+                                      num_workers)
         if index["complete"]:
             log.info(f"{out} is already complete")
             return index
