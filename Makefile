@@ -6,11 +6,14 @@ else
 PYTHON ?= .venv/bin/python
 endif
 
-.PHONY: install demo test clean-demo
+.PHONY: install fid-weights demo test clean-demo
 
 install:
 	@if [ "$(PYTHON)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv --system-site-packages .venv; fi
 	@$(PYTHON) tools/install_deps.py
+
+fid-weights: install
+	$(PYTHON) tools/get_fid_weights.py
 
 demo: install
 	$(PYTHON) tools/train.py -c configs/demo/vqgan_shapes.yaml

@@ -21,15 +21,20 @@ class ConfigError(ValueError):
 
 
 DATASET_DEFAULTS = {
-    "source": "shapes",      # shapes | manifest | coco | shards (VQ codes from tools/tokenize_images.py)
-    "path": None,            # manifest (.jsonl/.tsv), COCO captions JSON, or a shard folder
-    "image_root": None,      # COCO: folder of the images (default: beside the JSON)
+    # shapes | manifest | coco | coco_cn | aic_icc | shards (VQ codes from tools/tokenize_images.py)
+    "source": "shapes",
+    "path": None,            # manifest (.jsonl/.tsv), COCO / AIC-ICC captions JSON, COCO-CN captions, shard folder
+    "image_root": None,      # COCO / COCO-CN / AIC-ICC: folder of the images (COCO default: beside the JSON)
+    "translations": None,    # COCO: JSONL {"id": annotation id, "caption": ...} replacing the English captions
+    "split_file": None,      # COCO-CN: the list of image ids of a split (e.g. coco-cn_test.txt)
     "split": "train",        # shapes: train | heldout
     "num_samples": 2000,     # shapes: how many pairs
     "lang": "both",          # shapes captions: zh | en | both
     "seed": 0,               # shapes: generator seed
     "limit": None,           # read at most this many pairs (None: all)
 }
+
+SOURCES = ("shapes", "manifest", "coco", "coco_cn", "aic_icc", "shards")
 
 GENERIC_SECTIONS = {
     "Global": {
@@ -285,9 +290,10 @@ def validate_and_derive(cfg, origin):
         raise ConfigError(f"{origin}: Optimizer.betas must have two values, got {o.betas!r}")
     for split in ("train", "eval"):
         d = cfg.Data[split]
-        if d.source not in ("shapes", "manifest", "coco", "shards"):
-            raise ConfigError(f"{origin}: Data.{split}.source must be shapes, manifest, coco or shards, "
-                              f"got {d.source!r}")
+        if d.source not in SOURCES:
+            raise ConfigError(f"{origin}: Data.{split}.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+        if d.source in ("coco_cn", "aic_icc") and not d.image_root:
+            raise ConfigError(f"{origin}: Data.{split}.image_root is required for source '{d.source}'")
         if d.source != "shapes" and not d.path:
             raise ConfigError(f"{origin}: Data.{split}.path is required for source '{d.source}'")
         if d.lang not in ("zh", "en", "both"):

@@ -98,11 +98,12 @@ class Generator:
     # ---- text -> image ----------------------------------------------------------------------------------
     @paddle.no_grad()
     def text_to_image(self, texts, num_candidates=1, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
-                      seed=0, use_cache=True):
-        """-> int64 codes [len(texts), num_candidates, grid, grid]."""
+                      seed=0, use_cache=True, truncate=False):
+        """-> int64 codes [len(texts), num_candidates, grid, grid]. A text longer than the model's text length
+        is an error, or is cut (keeping [SEP]) with truncate=True."""
         self.m.eval()
         n, lay = self.c.grid ** 2, self.t2i_layout
-        src, src_valid = self.text_source(texts)
+        src, src_valid = self.text_source(texts, truncate)
         src, src_valid = np.repeat(src, num_candidates, 0), np.repeat(src_valid, num_candidates, 0)
         b = src.shape[0]
         guided = cfg_scale != 1.0

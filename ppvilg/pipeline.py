@@ -78,10 +78,12 @@ class ViLGPipeline:
         for t in texts:
             self.tok.encode(t, max_len=self.model.config.max_text_len, truncate=False)
 
-    def text_to_image(self, texts, num_candidates=1, rerank=False, scorer=None, **sampling):
-        """-> (images [T, N, S, S, 3] best first when reranked, codes [T, N, g, g], scores [T, N] or None)."""
-        self.check_text(texts)
-        codes = self.gen.text_to_image(texts, num_candidates=num_candidates, **sampling)
+    def text_to_image(self, texts, num_candidates=1, rerank=False, scorer=None, truncate=False, **sampling):
+        """-> (images [T, N, S, S, 3] best first when reranked, codes [T, N, g, g], scores [T, N] or None).
+        A prompt longer than the model's text length is an error (TextTooLongError), or cut with truncate."""
+        if not truncate:
+            self.check_text(texts)
+        codes = self.gen.text_to_image(texts, num_candidates=num_candidates, truncate=truncate, **sampling)
         images = self.decode(codes)
         scores = None
         if rerank:

@@ -85,3 +85,20 @@ def test_shapes_report_keys(run_dirs, tmp_path):
         assert 0.0 <= rep[key] <= 10.0
     assert 0.0 <= rep["t2i_attribute_accuracy"] <= 1.0 and 0.0 <= rep["caption_attribute_accuracy"] <= 1.0
     assert rep["vq_psnr"] > 0 and len(os.listdir(tmp_path / "t2i")) == 4
+
+
+@pytest.mark.skipif(not os.path.isfile(__import__("ppvilg.metrics.inception", fromlist=["x"]).default_weights_path()),
+                    reason="FID weights absent (python tools/get_fid_weights.py; .ci/run fetches them)")
+def test_eval_tool_fid_and_caption_metrics(run_dirs, tmp_path):
+    r = _run("tools/eval.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", f"Global.output_dir={run_dirs / 'vilg'}",
+             "-o", f"Tokenizer.checkpoint={run_dirs / 'vq'}", "-o", "Data.eval.source=shapes",
+             "-o", "Data.eval.split=heldout", "-o", "Data.eval.num_samples=16", "-o", "Eval.num_samples=16",
+             "-o", f"Eval.fid_cache={tmp_path}", "-o", "Eval.caption_method=greedy", "--task", "all")
+    assert r.returncode == 0, r.stderr[-2000:]
+    t2i = json.loads((run_dirs / "vilg" / "eval" / "eval_t2i.json").read_text())
+    i2t = json.loads((run_dirs / "vilg" / "eval" / "eval_i2t.json").read_text())
+    assert t2i["num_images"] == 16 and t2i["fid"] > 0 and not t2i["real_stats_cached"]
+    for k in ("bleu4", "rouge_l", "cider"):
+        assert k in i2t and i2t[k] >= 0
+    assert ("meteor" in i2t) or ("meteor_unavailable" in i2t)
+    assert (run_dirs / "vilg" / "eval" / "eval_t2i.md").exists()

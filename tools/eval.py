@@ -1,9 +1,13 @@
-"""Evaluate a checkpoint on a data split: python tools/eval.py -c CONFIG [-o Global.checkpoint=FOLDER]
-[--split eval|train]. Stage-1 (vqgan) checkpoints report PSNR, SSIM, codebook usage and perplexity.
+"""Evaluate a checkpoint:  python tools/eval.py -c CONFIG [-o Global.checkpoint=FOLDER] [--split eval|train]
+[--task auto|recon|t2i|i2t|all]
 
-The model's architecture comes from the checkpoint; data and evaluation settings from CONFIG. Without
-Global.checkpoint, the newest checkpoint under CONFIG's Global.output_dir is used. Results are printed and
-written to <output_dir>/eval/<split>.json and .md, with the task's image grids as <split>_<name>.png.
+- stage 1 (vqgan) checkpoints: reconstruction PSNR, SSIM, codebook usage and perplexity (recon);
+- stage 2 (vilg) checkpoints: text->image FID (t2i) and captioning BLEU-1..4 / METEOR / ROUGE-L / CIDEr (i2t)
+  on Data.<split>, with the settings of the Eval section (auto = both).
+
+The model comes from the checkpoint; data and evaluation settings from CONFIG. Without Global.checkpoint, the
+newest checkpoint under CONFIG's Global.output_dir is used. Results are printed and written to
+<output_dir>/eval/<split>_<task>.json and .md (plus image grids as PNG) and logged to VisualDL.
 """
 import json
 import os
@@ -15,21 +19,14 @@ from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
 from ppvilg.config import _to_config  # noqa: E402
 from ppvilg.data.datasets import build_dataset  # noqa: E402
-from ppvilg.data.images import write_png  # noqa: E402
+from ppvilg.data.images import make_grid, write_png  # noqa: E402
 from ppvilg.engine.checkpoint import load_state_strict, read_meta, resolve_checkpoint  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
+from ppvilg.metrics.inception import MissingWeightsError  # noqa: E402
 from ppvilg.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
-def main(argv=None):
-    p = config_parser(__doc__)
-    p.add_argument("--split", default="eval", choices=["eval", "train"], help="which Data.<split> to score")
-    args = p.parse_args(argv)
-    cfg = load_or_exit(args)
-    setup_from_config(cfg)
-    log = get_logger()
-    folder = resolve_checkpoint(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
-    meta, ckpt_cfg = read_meta(folder)
+def reconstruction(cfg, folder, meta, ckpt_cfg, split):
     merged = cfg.to_dict()
     merged["Global"]["task"] = meta["task"]
     for section in ("Model", "Loss"):
@@ -38,17 +35,75 @@ def main(argv=None):
     task = build_task(_to_config(merged).freeze())
     load_state_strict(task.modules()["model"], os.path.join(folder, "model.pdparams"))
     task.eval()
-    dataset = build_dataset(cfg.Data[args.split], cfg.Data.image_size)
-    log.info(f"evaluating {folder} on Data.{args.split} ({len(dataset)} pairs)")
-    metrics, images = task.evaluate(dataset)
-    result = {"checkpoint": os.path.abspath(folder), "step": meta["step"], "split": args.split, **metrics}
+    dataset = build_dataset(cfg.Data[split], cfg.Data.image_size)
+    get_logger().info(f"evaluating {folder} on Data.{split} ({len(dataset)} pairs)")
+    return task.evaluate(dataset)
+
+
+def stage2(cfg, folder, split, which):
+    from ppvilg.evaluation import evaluate_image_to_text, evaluate_text_to_image, image_caption_sets
+    from ppvilg.pipeline import ViLGPipeline
+    pipe = ViLGPipeline.from_checkpoint(folder)
+    ev = cfg.Eval
+    images, refs, prompts, key = image_caption_sets(cfg.Data[split], pipe.image_size, ev.num_samples)
+    get_logger().info(f"evaluating {folder} on Data.{split}: {len(images)} images, "
+                      f"{sum(len(r) for r in refs.values())} captions")
+    results, grids = {}, {}
+    if which in ("t2i", "all"):
+        metrics, generated = evaluate_text_to_image(pipe, images, prompts, ev, key)
+        results["t2i"] = metrics
+        grids["t2i_generated"] = make_grid(generated[:16], 8)
+    if which in ("i2t", "all"):
+        metrics, caps = evaluate_image_to_text(pipe, images, refs, ev)
+        results["i2t"] = dict(metrics, examples=[{"caption": c["text"], "references": refs[i]}
+                                                 for i, c in enumerate(caps[:5])])
+    return results, grids
+
+
+def main(argv=None):
+    p = config_parser(__doc__)
+    p.add_argument("--split", default="eval", choices=["eval", "train"], help="which Data.<split> to score")
+    p.add_argument("--task", default="auto", choices=["auto", "recon", "t2i", "i2t", "all"])
+    args = p.parse_args(argv)
+    cfg = load_or_exit(args)
+    setup_from_config(cfg)
+    log = get_logger()
+    folder = resolve_checkpoint(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
+    meta, ckpt_cfg = read_meta(folder)
+    which = args.task if args.task != "auto" else ("recon" if meta["task"] == "vqgan" else "all")
+    if (which == "recon") != (meta["task"] == "vqgan"):
+        sys.exit(f"--task {which} needs a {'stage-1 (vqgan)' if which == 'recon' else 'stage-2 (vilg)'} checkpoint; "
+                 f"{folder} is '{meta['task']}'")
+    if which == "recon":
+        metrics, images = reconstruction(cfg, folder, meta, ckpt_cfg, args.split)
+        results = {"recon": metrics}
+    else:
+        try:
+            results, images = stage2(cfg, folder, args.split, which)
+        except MissingWeightsError as e:
+            sys.exit(f"error: {e}")
     out = os.path.join(cfg.Global.output_dir, "eval")
-    atomic_write_json(os.path.join(out, f"{args.split}.json"), result)
-    table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in metrics.items())
-    atomic_write_text(os.path.join(out, f"{args.split}.md"), table)
+    vdl = None
+    if cfg.Train.vdl:
+        from visualdl import LogWriter
+        vdl = LogWriter(logdir=os.path.join(cfg.Global.output_dir, "vdl"))
+    for name, metrics in results.items():
+        result = {"checkpoint": os.path.abspath(folder), "step": meta["step"], "split": args.split, "task": name,
+                  **metrics}
+        stem = args.split if name == "recon" else f"{args.split}_{name}"
+        atomic_write_json(os.path.join(out, f"{stem}.json"), result)
+        rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        atomic_write_text(os.path.join(out, f"{stem}.md"), "| metric | value |\n|---|---|\n"
+                          + "".join(f"| {k} | {v:.4f} |\n" for k, v in rows))
+        if vdl is not None:
+            for k, v in rows:
+                vdl.add_scalar(f"eval_{args.split}/{name}/{k}", float(v), meta["step"])
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     for name, img in images.items():
         write_png(os.path.join(out, f"{args.split}_{name}.png"), img)
-    print(json.dumps(result, indent=2))
+    if vdl is not None:
+        vdl.close()
+    log.info(f"results in {out}")
 
 
 if __name__ == "__main__":

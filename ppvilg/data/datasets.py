@@ -7,9 +7,23 @@ import numpy as np
 import paddle
 
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array
-from ppvilg.data.pairs import read_coco_captions, read_manifest
+from ppvilg.data.benchmarks import aic_icc, coco_captions, coco_cn
+from ppvilg.data.pairs import read_manifest
 from ppvilg.data.shapes import ShapesPairs
 from ppvilg.data.shards import CodeShards
+
+
+def read_pairs(section):
+    """The image-text pairs of a manifest / benchmark `Data.<split>` section."""
+    if section.source == "manifest":
+        return read_manifest(section.path)
+    if section.source == "coco":
+        return coco_captions(section.path, section.image_root, section.translations)
+    if section.source == "coco_cn":
+        return coco_cn(section.path, section.image_root, section.split_file)
+    if section.source == "aic_icc":
+        return aic_icc(section.path, section.image_root)
+    raise ValueError(f"source {section.source!r} has no pair list")
 
 
 class PairDataset(paddle.io.Dataset):
@@ -27,8 +41,7 @@ class PairDataset(paddle.io.Dataset):
             self.shapes = ShapesPairs(section.split, section.num_samples, image_size, section.lang, section.seed)
             n = len(self.shapes)
         else:
-            self.pairs = (read_manifest(section.path) if section.source == "manifest"
-                          else read_coco_captions(section.path, section.image_root))
+            self.pairs = read_pairs(section)
             if not self.pairs:
                 raise ValueError(f"{section.path}: no image-text pairs in it")
             n = len(self.pairs)

@@ -15,6 +15,7 @@ from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
 from ppvilg.engine.checkpoint import CheckpointError
 from ppvilg.engine.task import Task
+from ppvilg.evaluation import EVAL_DEFAULTS
 from ppvilg.models.layout import image_to_text, text_to_image
 from ppvilg.models.vilg import ViLG
 from ppvilg.registry import MODEL_CONFIGS, TASKS
@@ -89,7 +90,7 @@ class ViLGTask(Task):
         "Text": {"vocab_file": None},            # None: ppvilg/text/assets/vocab.txt
         "Tokenizer": {"checkpoint": None},       # stage-1 checkpoint: encodes images on the fly, decodes codes
         "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0},
-        "Eval": {"batch_size": 64},
+        "Eval": dict(batch_size=64, **EVAL_DEFAULTS),
     }
 
     @classmethod
