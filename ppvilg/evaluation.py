@@ -8,6 +8,7 @@
   ROUGE-L, CIDEr-D (pycocoevalcap scorers; `Eval.tokenization`: jieba as AIC-ICC / COCO-CN, char, space, auto).
 - reconstruction: the stage-1 task's PSNR / SSIM / codebook statistics.
 """
+from ppvilg.data.benchmarks import group_references
 from ppvilg.data.datasets import read_pairs
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop
 from ppvilg.data.shapes import ShapesPairs
@@ -42,15 +43,9 @@ def image_caption_sets(section, image_size, limit):
         items = [ds.item(i) for i in range(len(ds))]
         return ([it["image"] for it in items], {i: [it["text"]] for i, it in enumerate(items)},
                 [it["text"] for it in items], fingerprint([section.to_dict(), image_size, len(items)]))
-    pairs = read_pairs(section)
-    order, refs = [], {}
-    for p in pairs:
-        if p.image not in refs:
-            order.append(p.image)
-            refs[p.image] = []
-        refs[p.image].append(p.text)
+    order, refs = group_references(read_pairs(section))
     images, references, prompts, used, skipped = [], {}, [], [], 0
-    for path in order:
+    for k, path in enumerate(order):
         if len(images) >= limit:
             break
         try:
@@ -59,8 +54,8 @@ def image_caption_sets(section, image_size, limit):
             skipped += 1
             log.warning(f"skipped image: {e}")
             continue
-        references[len(images) - 1] = refs[path]
-        prompts.append(refs[path][0])
+        references[len(images) - 1] = refs[k]
+        prompts.append(refs[k][0])
         used.append(path)
     if skipped:
         log.warning(f"{skipped} images skipped")

@@ -6,15 +6,12 @@ the stage-1 tokenizer named in its config (Tokenizer.checkpoint) and a Generator
     pipe.caption(images_rgb)                  # -> list of dicts(text, score, ...)
     pipe.answer(images_rgb, "这是什么颜色")
 """
-import os
-
 import numpy as np
 import paddle
 
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array, to_uint8_image
-from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, read_meta, resolve_checkpoint
-from ppvilg.engine.vilg_task import build_vilg
-from ppvilg.engine.vqgan_task import load_vqgan
+from ppvilg.engine.checkpoint import CheckpointError, load_model
+from ppvilg.engine.vilg_task import build_vilg, load_matching_tokenizer
 from ppvilg.generation import Generator
 from ppvilg.text.tokenizer import TextTokenizer
 
@@ -27,22 +24,11 @@ class ViLGPipeline:
 
     @classmethod
     def from_checkpoint(cls, path, vq_checkpoint=None):
-        folder = resolve_checkpoint(path)
-        meta, cfg = read_meta(folder)
-        if meta.get("task") != "vilg":
-            raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint; inference needs a stage-2 (vilg) one")
-        model = build_vilg(cfg.Model)
-        load_state_strict(model, os.path.join(folder, "model.pdparams"))
-        model.eval()
+        model, cfg, folder = load_model(path, "vilg", build_vilg)
         vq_path = vq_checkpoint or cfg.Tokenizer.checkpoint
         if not vq_path:
             raise CheckpointError(f"{folder}: its config names no Tokenizer.checkpoint; give the stage-1 checkpoint")
-        vq, vq_cfg, _ = load_vqgan(vq_path)
-        c = model.config
-        grid = vq_cfg.Data.image_size // vq.config.downsample
-        if (vq.config.num_codes, grid) != (c.num_codes, c.grid):
-            raise CheckpointError(f"{vq_path}: makes {vq.config.num_codes} codes on a {grid}x{grid} grid, the "
-                                  f"transformer expects {c.num_codes} on {c.grid}x{c.grid}")
+        vq, vq_cfg = load_matching_tokenizer(vq_path, model.config)
         return cls(model, TextTokenizer(cfg.Text.vocab_file), vq, vq_cfg, folder)
 
     # ---- images <-> codes -------------------------------------------------------------------------------

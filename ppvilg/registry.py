@@ -31,5 +31,13 @@ class Registry:
 
 # name -> dataclass holding a model's hyper-parameters (with a PRESETS dict attribute)
 MODEL_CONFIGS = Registry("model")
+
+
+def model_config(section):
+    """The model dataclass instance for a resolved `Model` config section (extra keys such as preset dropped)."""
+    import dataclasses
+    cls = MODEL_CONFIGS.get(section["name"])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in section.items() if k in fields})
 # name -> Task class (ppvilg.engine.task.Task subclass): builds model, losses, evaluation for a training stage
 TASKS = Registry("task")

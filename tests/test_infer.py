@@ -67,7 +67,7 @@ def test_infer_errors_are_clear(run_dirs, tmp_path):
     r = _run("tools/infer.py", str(tmp_path / "nope"), "--text", "x")
     assert r.returncode == 2 and "not a ppvilg checkpoint" in r.stderr
     r = _run("tools/infer.py", str(run_dirs / "vq"), "--text", "x")
-    assert r.returncode == 2 and "needs a stage-2" in r.stderr
+    assert r.returncode == 2 and "this needs a 'vilg' one" in r.stderr
     (tmp_path / "bad.png").write_text("no")
     r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(tmp_path / "bad.png"))
     assert r.returncode == 2 and "bad.png" in r.stderr

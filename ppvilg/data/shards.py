@@ -21,11 +21,12 @@ class ShardError(RuntimeError):
     pass
 
 
-def _sha256(path):
+def weights_digest(model):
+    """SHA-256 of a model's parameters and buffers (names and bytes): which weights made a set of codes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value.numpy()).tobytes())
     return h.hexdigest()
 
 
@@ -43,8 +44,7 @@ def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, 
     log = get_logger()
     dataset = build_dataset(section, image_size)
     f = model.config.downsample
-    identity = {"checkpoint": os.path.abspath(checkpoint), "weights_sha256": _sha256(os.path.join(checkpoint,
-                                                                                      "model.pdparams")),
+    identity = {"checkpoint": os.path.abspath(checkpoint), "weights_sha256": weights_digest(model),
                 "data": section.to_dict(), "image_size": image_size}
     index_path = os.path.join(out, "index.json")
     if os.path.isfile(index_path):

@@ -101,3 +101,15 @@ def restore_rng(folder):
     paddle.set_rng_state(rng["paddle"])
     if "cuda" in rng and paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         paddle.set_cuda_rng_state(rng["cuda"])
+
+
+def load_model(path, task, build, output_dir=None):
+    """(model in eval mode, the checkpoint's resolved config, its folder) from a checkpoint of `task`."""
+    folder = resolve_checkpoint(path, output_dir)
+    meta, cfg = read_meta(folder)
+    if meta.get("task") != task:
+        raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint; this needs a '{task}' one")
+    model = build(cfg.Model)
+    load_state_strict(model, os.path.join(folder, "model.pdparams"))
+    model.eval()
+    return model, cfg, folder

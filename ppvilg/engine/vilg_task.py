@@ -6,8 +6,6 @@ on the fly by the frozen stage-1 tokenizer named in Tokenizer.checkpoint. Option
 a pair's text by the empty text ([SEP] alone) in the text->image direction, so that sampling can use
 classifier-free guidance.
 """
-import dataclasses
-
 import numpy as np
 import paddle
 
@@ -18,14 +16,23 @@ from ppvilg.engine.task import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
 from ppvilg.models.layout import image_to_text, text_to_image
 from ppvilg.models.vilg import ViLG
-from ppvilg.registry import MODEL_CONFIGS, TASKS
+from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
 
 
 def build_vilg(model_section):
-    cls = MODEL_CONFIGS.get(model_section["name"])
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return ViLG(cls(**{k: v for k, v in model_section.items() if k in fields}))
+    return ViLG(model_config(model_section))
+
+
+def load_matching_tokenizer(path, config):
+    """The frozen stage-1 tokenizer at `path` and its config, checked against the transformer's codes/grid."""
+    from ppvilg.engine.vqgan_task import load_vqgan
+    vq, vq_cfg, folder = load_vqgan(path)
+    grid = vq_cfg.Data.image_size // vq.config.downsample
+    if (vq.config.num_codes, grid) != (config.num_codes, config.grid):
+        raise CheckpointError(f"{folder}: the tokenizer makes {vq.config.num_codes} codes on a {grid}x{grid} grid, "
+                              f"the transformer expects Model.num_codes={config.num_codes}, Model.grid={config.grid}")
+    return vq, vq_cfg
 
 
 def _vocab_size(path):
@@ -130,14 +137,9 @@ class ViLGTask(Task):
         if self._vq is None:
             if not self.cfg.Tokenizer.checkpoint:
                 raise RuntimeError("images need the stage-1 tokenizer: set Tokenizer.checkpoint")
-            from ppvilg.engine.vqgan_task import load_vqgan
-            vq, vq_cfg, folder = load_vqgan(self.cfg.Tokenizer.checkpoint)
+            vq, _ = load_matching_tokenizer(self.cfg.Tokenizer.checkpoint, self.model.config)
             for p in vq.parameters():
                 p.stop_gradient = True
-            c, grid = self.model.config, vq_cfg.Data.image_size // vq.config.downsample
-            if (vq.config.num_codes, grid) != (c.num_codes, c.grid):
-                raise CheckpointError(f"{folder}: the tokenizer makes {vq.config.num_codes} codes on a {grid}x{grid} "
-                                      f"grid, the model expects Model.num_codes={c.num_codes}, Model.grid={c.grid}")
             self._vq = vq
         return self._vq
 

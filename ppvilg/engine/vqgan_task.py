@@ -1,7 +1,5 @@
 """Stage 1 task: train the VQGAN tokenizer (generator phase, then discriminator phase, every step)."""
 import contextlib
-import dataclasses
-import os
 
 import numpy as np
 import paddle
@@ -9,10 +7,10 @@ import paddle
 from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
-from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, read_meta, resolve_checkpoint
+from ppvilg.engine.checkpoint import load_model
 from ppvilg.engine.task import Task
 from ppvilg.metrics.recon import codebook_stats, psnr, ssim
-from ppvilg.registry import MODEL_CONFIGS, TASKS
+from ppvilg.registry import TASKS, model_config
 from ppvilg.vq.losses import (PatchDiscriminator, VGGPerceptual, adaptive_weight, hinge_d_loss,
                               reconstruction_loss)
 from ppvilg.vq.model import VQGAN
@@ -20,9 +18,7 @@ from ppvilg.vq.model import VQGAN
 
 def build_vqgan(model_section):
     """A VQGAN from a resolved `Model` config section (as found in a checkpoint's config.yaml)."""
-    cls = MODEL_CONFIGS.get(model_section["name"])
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return VQGAN(cls(**{k: v for k, v in model_section.items() if k in fields}))
+    return VQGAN(model_config(model_section))
 
 
 @contextlib.contextmanager
@@ -159,11 +155,4 @@ class VQGANTask(Task):
 
 def load_vqgan(path, output_dir=None):
     """(model in eval mode, the checkpoint's resolved config, its folder) from a stage-1 checkpoint."""
-    folder = resolve_checkpoint(path, output_dir)
-    meta, ckpt_cfg = read_meta(folder)
-    if meta.get("task") != "vqgan":
-        raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint, not a VQGAN (stage 1) one")
-    model = build_vqgan(ckpt_cfg.Model)
-    load_state_strict(model, os.path.join(folder, "model.pdparams"))
-    model.eval()
-    return model, ckpt_cfg, folder
+    return load_model(path, "vqgan", build_vqgan, output_dir)

