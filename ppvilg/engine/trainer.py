@@ -72,7 +72,7 @@ class Trainer:
             raise RuntimeError("Train.amp.enable=true needs a GPU (CPU has no float16/bfloat16 training "
                                "kernels); set Train.amp.enable=false")
         self.amp_kwargs = dict(enable=amp.enable, dtype=amp.dtype, level=amp.level)
-        self.phase_params, self.opts, self.scheds, self.scalers = {}, {}, {}, {}
+        self.opts, self.scheds, self.scalers = {}, {}, {}
         structured = {id(p): f"{m}.{n}" for m, layer in task.modules().items()
                       for n, p in layer.named_parameters()}
         self.param_names = {}  # phase -> {run-time name: structured name}
@@ -84,7 +84,6 @@ class Trainer:
             self.opts[phase] = build_optimizer(cfg.Optimizer, params, self.scheds[phase], cfg.Train.grad_clip)
             self.scalers[phase] = paddle.amp.GradScaler(enable=amp.enable and amp.dtype == "float16",
                                                         init_loss_scaling=amp.init_loss_scaling)
-            self.phase_params[phase] = params
         if amp.enable and amp.level == "O2":
             mods = list(task.modules().values())
             paddle.amp.decorate(models=mods, optimizers=list(self.opts.values()), level="O2", dtype=amp.dtype)
