@@ -164,19 +164,20 @@ class ViLGTask(Task):
             return self.vq.encode(paddle.to_tensor(batch["image"])).numpy()
 
     def losses(self, codes, texts, drop=None):
+        """(text->image loss, image->text loss, their label arrays) for one batch."""
         m, b = self.model, self.batcher
-        ids, valid, labels = b.text_to_image(codes, texts, drop)
-        _, l_t2i = m(paddle.to_tensor(ids), valid, b.t2i, paddle.to_tensor(labels))
-        ids, valid, labels = b.image_to_text(codes, texts)
-        _, l_i2t = m(paddle.to_tensor(ids), valid, b.i2t, paddle.to_tensor(labels))
-        return l_t2i, l_i2t
+        ids, valid, lab_img = b.text_to_image(codes, texts, drop)
+        _, l_t2i = m(paddle.to_tensor(ids), valid, b.t2i, paddle.to_tensor(lab_img))
+        ids, valid, lab_txt = b.image_to_text(codes, texts)
+        _, l_i2t = m(paddle.to_tensor(ids), valid, b.i2t, paddle.to_tensor(lab_txt))
+        return l_t2i, l_i2t, lab_img, lab_txt
 
     def phase_loss(self, phase, batch, step):
         codes = self.codes_of(batch)
         drop = None
         if self.cfg.Loss.cond_dropout > 0:
             drop = (paddle.rand([len(batch["text"])]) < self.cfg.Loss.cond_dropout).numpy()  # paddle RNG: resumable
-        l_t2i, l_i2t = self.losses(codes, batch["text"], drop)
+        l_t2i, l_i2t, _, _ = self.losses(codes, batch["text"], drop)
         loss = self.cfg.Loss.t2i_weight * l_t2i + self.cfg.Loss.i2t_weight * l_i2t
         return loss, {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t),
                       "truncated_texts": self.batcher.truncated}
@@ -191,9 +192,7 @@ class ViLGTask(Task):
             if "codes" not in batch and "image" not in batch:
                 continue
             codes = self.codes_of(batch)
-            l_t2i, l_i2t = self.losses(codes, batch["text"])
-            _, _, lab_img = self.batcher.text_to_image(codes, batch["text"])
-            _, _, lab_txt = self.batcher.image_to_text(codes, batch["text"])
+            l_t2i, l_i2t, lab_img, lab_txt = self.losses(codes, batch["text"])
             n_img, n_txt = lab_img.size, int((lab_txt >= 0).sum())
             sums["t2i"] += float(l_t2i) * n_img
             sums["i2t"] += float(l_i2t) * n_txt
