@@ -13,6 +13,7 @@ import os
 
 import yaml
 
+from ppvilg.distributed.env import DISTRIBUTED_DEFAULTS, validate_distributed
 from ppvilg.registry import MODEL_CONFIGS, TASKS
 
 
@@ -45,6 +46,7 @@ GENERIC_SECTIONS = {
         "num_threads": 2,        # CPU threads for paddle's kernels
         "resume": None,          # a checkpoint folder, or 'auto' for the newest in output_dir/checkpoints
         "checkpoint": None,      # the checkpoint folder that eval / tokenize / infer use
+        "init_weights": None,    # start training from this checkpoint's model weights (any parallel layout)
     },
     "Data": {
         "image_size": 32,
@@ -64,8 +66,9 @@ GENERIC_SECTIONS = {
         "vdl": True,              # VisualDL scalars and image grids under output_dir/vdl
         "amp": {"enable": False, "dtype": "float16", "level": "O1", "init_loss_scaling": 32768.0},
     },
+    "Distributed": dict(DISTRIBUTED_DEFAULTS),  # see ppvilg/distributed/env.py
     "Optimizer": {
-        "name": "adamw",          # adamw | adam
+        "name": "adamw",          # adamw | adam | sgd (plain, no momentum)
         "lr": 2.0e-4,
         "betas": [0.9, 0.99],
         "weight_decay": 0.0,
@@ -276,14 +279,15 @@ def validate_and_derive(cfg, origin):
     if t.accum_steps < 1 or t.batch_size % t.accum_steps:
         raise ConfigError(f"{origin}: Train.batch_size ({t.batch_size}) must be a multiple of "
                           f"Train.accum_steps ({t.accum_steps})")
-    t.micro_batch_size = t.batch_size // t.accum_steps
+    t.micro_batch_size = t.batch_size // t.accum_steps   # over all data-parallel ranks
+    validate_distributed(cfg, origin, ConfigError)        # + Train.rank_batch_size: on one rank
     if t.amp.dtype not in ("float16", "bfloat16"):
         raise ConfigError(f"{origin}: Train.amp.dtype must be float16 or bfloat16, got {t.amp.dtype!r}")
     if t.amp.level not in ("O1", "O2"):
         raise ConfigError(f"{origin}: Train.amp.level must be O1 or O2, got {t.amp.level!r}")
     o = cfg.Optimizer
-    if o.name not in ("adamw", "adam"):
-        raise ConfigError(f"{origin}: Optimizer.name must be adamw or adam, got {o.name!r}")
+    if o.name not in ("adamw", "adam", "sgd"):
+        raise ConfigError(f"{origin}: Optimizer.name must be adamw, adam or sgd, got {o.name!r}")
     if o.schedule not in ("cosine", "constant"):
         raise ConfigError(f"{origin}: Optimizer.schedule must be cosine or constant, got {o.schedule!r}")
     if len(o.betas) != 2:

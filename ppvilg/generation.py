@@ -48,8 +48,10 @@ def sample_from(logp, rng):
 class Decoder:
     """Runs one layout: the source is given, the target is produced slot by slot."""
 
-    def __init__(self, model, layout, ids, valid, use_cache=True):
-        self.m, self.layout, self.use_cache = model, layout, use_cache
+    def __init__(self, model, layout, ids, valid, use_cache=True, text_vocab=None):
+        """text_vocab: the tokenizer's size; text logits beyond it (padding rows of Model.text_vocab_size,
+        e.g. for tensor parallel) are never produced."""
+        self.m, self.layout, self.use_cache, self.text_vocab = model, layout, use_cache, text_vocab
         self.ids, self.valid = ids.copy(), valid.copy()
         self.kind, self.pos = layout.arrays()
         self.t0 = layout.target_slice().start
@@ -67,7 +69,10 @@ class Decoder:
             sl = slice(start, slot + 1)
             h = m.step(paddle.to_tensor(self.ids[:, sl]), self.kind[sl], self.pos[sl],
                        [mk[:, :, sl] for mk in self.masks], self.cache, start)[:, -1:]
-        return m.head(h, self.target_kind)[:, 0].astype("float32").numpy()
+        logits = m.head(h, self.target_kind)[:, 0].astype("float32").numpy()
+        if self.target_kind == TEXT_TGT and self.text_vocab is not None:
+            logits[:, self.text_vocab:] = -np.inf
+        return logits
 
     def reorder(self, index):
         """Keep rows `index` (beam search)."""
@@ -141,7 +146,7 @@ class Generator:
         tgt[:, 0] = self.tok.bos_id
         ids = np.concatenate(parts + [tgt], 1)
         valid = np.concatenate(pvalid + [np.ones([b, L], bool)], 1)
-        return Decoder(self.m, lay, ids, valid, use_cache)
+        return Decoder(self.m, lay, ids, valid, use_cache, text_vocab=self.tok.vocab_size)
 
     @paddle.no_grad()
     def image_to_text(self, codes, method="greedy", max_len=None, beam_size=4, length_penalty=1.0,
@@ -230,7 +235,7 @@ class Generator:
         ids = np.concatenate([codes, inp], 1)
         valid = np.concatenate([np.ones(codes.shape, bool), np.arange(L)[None] < lens[:, None]], 1)
         logits, _ = self.m(paddle.to_tensor(ids), valid, self.i2t_layout)
-        logp = F.log_softmax(logits.astype("float32"), -1).numpy()
+        logp = F.log_softmax(logits[..., :self.tok.vocab_size].astype("float32"), -1).numpy()
         tok_lp = np.take_along_axis(logp, src[:, :, None], -1)[:, :, 0]
         return (tok_lp * (np.arange(L)[None] < lens[:, None])).sum(1)
 

@@ -136,6 +136,9 @@ def test_batch_order_resumes_exactly():
     resumed = ResumableBatchSampler(10, 3, seed=5, start_batch=5)
     assert [b for b, _ in zip(resumed, range(3))] == stream[5:8]
     assert len(set(sum(stream[:3], []))) == 9  # one epoch = 3 batches of distinct indices
-    r0 = [b for b, _ in zip(ResumableBatchSampler(10, 3, 5, rank=0, world_size=2), range(2))]
-    r1 = [b for b, _ in zip(ResumableBatchSampler(10, 3, 5, rank=1, world_size=2), range(2))]
-    assert r0 == [stream[0], stream[2]] and r1 == [stream[1], stream[3]]
+    single = [b for b, _ in zip(ResumableBatchSampler(10, 4, 5), range(3))]
+    r0 = [b for b, _ in zip(ResumableBatchSampler(10, 4, 5, rank=0, world_size=2), range(3))]
+    r1 = [b for b, _ in zip(ResumableBatchSampler(10, 4, 5, rank=1, world_size=2), range(3))]
+    assert [a + b for a, b in zip(r0, r1)] == single  # data-parallel ranks split each batch of one process
+    with pytest.raises(ValueError, match="split evenly"):
+        ResumableBatchSampler(10, 3, 5, rank=0, world_size=2)

@@ -6,7 +6,6 @@ import pytest
 
 from conftest import ROOT
 from ppvilg.config import ConfigError, load_config
-from ppvilg.data.shards import tokenize_to_shards
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
 from ppvilg.engine.vilg_task import PairBatcher
@@ -16,7 +15,6 @@ from ppvilg.text.tokenizer import TextTokenizer
 from ppvilg.utils.runtime import seed_everything
 
 TINY = os.path.join(ROOT, "configs/tests/vilg_tiny.yaml")
-VQ_TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
 
 
 def _model(attention="dense", layers=2):
@@ -139,19 +137,6 @@ def test_parameter_counts_are_analytic():
 def test_vocab_size_must_match_the_vocabulary():
     with pytest.raises(ConfigError, match="Model.text_vocab_size is 100 but the vocabulary"):
         load_config(TINY, ["Model.text_vocab_size=100"])
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory):
-    """Code shards of shapes images from a (randomly initialised) tiny VQ: 8x8 codes, 64 values."""
-    root = tmp_path_factory.mktemp("codes")
-    vq_cfg = load_config(VQ_TINY, ["Data.train.num_samples=96", "Data.eval.num_samples=32"])
-    seed_everything(0)
-    vq = build_task(vq_cfg).model
-    vq.eval()
-    for split, out in (("train", "train"), ("eval", "eval")):
-        tokenize_to_shards(vq, str(root), vq_cfg.Data[split], 16, str(root / out), 64, 32)
-    return root
 
 
 def test_tiny_vilg_trains_and_both_losses_fall(tiny_shards, tmp_path):

@@ -79,11 +79,14 @@ def collate_pairs(items):
 class ResumableBatchSampler(paddle.io.BatchSampler):
     """Endless batches of indices; epoch e is permutation(seed + e). Batch k of the whole stream is a pure
     function of k, so a resumed run starts at `start_batch` and sees exactly what an uninterrupted run saw.
-    With world_size > 1, rank r takes every world_size-th batch of the same stream."""
+    With world_size > 1 (data-parallel ranks), batch k is cut into world_size equal parts and rank r takes
+    part r: together the ranks see what one process sees, so a data-parallel run equals a single one."""
 
     def __init__(self, n, batch_size, seed, start_batch=0, shuffle=True, rank=0, world_size=1):
         if n < batch_size:
             raise ValueError(f"the dataset has {n} items, fewer than one micro-batch of {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"a batch of {batch_size} cannot be split evenly over {world_size} data-parallel ranks")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
         self.per_epoch = n // batch_size
@@ -95,17 +98,18 @@ class ResumableBatchSampler(paddle.io.BatchSampler):
         return order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
     def __iter__(self):
-        k = self.start_batch
+        k, per = self.start_batch, self.batch_size // self.world_size
         while True:
-            yield self.batch(k * self.world_size + self.rank)
+            yield self.batch(k)[self.rank * per:(self.rank + 1) * per]
             k += 1
 
     def __len__(self):
         return 2 ** 62
 
 
-def train_loader(dataset, micro_batch_size, seed, start_batch, num_workers, rank=0, world_size=1):
-    sampler = ResumableBatchSampler(len(dataset), micro_batch_size, seed, start_batch, True, rank, world_size)
+def train_loader(dataset, batch_size, seed, start_batch, num_workers, rank=0, world_size=1):
+    """Batches of batch_size / world_size items for data-parallel rank `rank` (see ResumableBatchSampler)."""
+    sampler = ResumableBatchSampler(len(dataset), batch_size, seed, start_batch, True, rank, world_size)
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs,
                                 num_workers=num_workers, return_list=True)
 

@@ -32,6 +32,10 @@ class Task:
         """({metric: float}, {name: RGB uint8 image}) on an evaluation dataset."""
         raise NotImplementedError
 
+    def distribute(self, model):
+        """Use `model` (this task's 'model' wrapped for parallel training by the trainer) for training."""
+        raise NotImplementedError(f"{type(self).__name__} does not train in several processes")
+
     def train(self):
         for m in self.modules().values():
             m.train()

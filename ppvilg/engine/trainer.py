@@ -15,9 +15,11 @@ from tqdm import tqdm
 
 from ppvilg.config import save_config
 from ppvilg.data.datasets import build_dataset, train_loader
-from ppvilg.engine.checkpoint import (load_state_strict, mark_latest, read_meta, resolve_checkpoint,
-                                      restore_rng, save_checkpoint)
-from ppvilg.utils.runtime import get_logger, rank_and_world
+from ppvilg.distributed import convert
+from ppvilg.distributed.env import current as current_parallel
+from ppvilg.engine.checkpoint import (CheckpointError, load_state_strict, mark_latest, read_meta,
+                                      resolve_checkpoint, restore_rng, save_checkpoint)
+from ppvilg.utils.runtime import get_logger
 
 
 def build_schedule(ocfg, max_steps, lr):
@@ -39,6 +41,9 @@ def build_optimizer(ocfg, params, schedule, grad_clip):
     if ocfg.name == "adamw":
         return paddle.optimizer.AdamW(schedule, beta1=b1, beta2=b2, parameters=params,
                                       weight_decay=ocfg.weight_decay, grad_clip=clip)
+    if ocfg.name == "sgd":
+        return paddle.optimizer.SGD(schedule, parameters=params, weight_decay=ocfg.weight_decay or None,
+                                    grad_clip=clip)
     return paddle.optimizer.Adam(schedule, beta1=b1, beta2=b2, parameters=params, grad_clip=clip)
 
 
@@ -64,7 +69,9 @@ class Trainer:
     def __init__(self, cfg, task):
         self.cfg, self.task = cfg, task
         self.log = get_logger()
-        self.rank, self.world = rank_and_world()
+        self.par = current_parallel()
+        self.rank, self.world = self.par.rank, self.par.world
+        self.pipeline = self.par.pp > 1   # the pipeline schedule runs forward, backward and the optimizer step
         self.out = cfg.Global.output_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         amp = cfg.Train.amp
@@ -84,12 +91,71 @@ class Trainer:
             self.opts[phase] = build_optimizer(cfg.Optimizer, params, self.scheds[phase], cfg.Train.grad_clip)
             self.scalers[phase] = paddle.amp.GradScaler(enable=amp.enable and amp.dtype == "float16",
                                                         init_loss_scaling=amp.init_loss_scaling)
+        if cfg.Global.init_weights:
+            self.init_weights(cfg.Global.init_weights)
         if amp.enable and amp.level == "O2":
             mods = list(task.modules().values())
             paddle.amp.decorate(models=mods, optimizers=list(self.opts.values()), level="O2", dtype=amp.dtype)
+        if self.par.enabled:
+            self.distribute()
         self.step, self.skipped = 0, 0
         self.vdl = None
         self.history = []  # per-step logged values of this process's run
+
+    # ---- parallel layouts ----------------------------------------------------------------------------
+    def distribute(self):
+        """Wrap the model and its optimizer for the layout of the Distributed section."""
+        from paddle.distributed import fleet
+        if len(self.opts) != 1:
+            raise RuntimeError(f"{self.cfg.Global.task}: multi-process training supports one optimisation phase")
+        phase = next(iter(self.opts))
+        par = self.par
+        if par.sharding > 1 and par.stage > 1:  # GPU only (checked in init_parallel)
+            from paddle.distributed.sharding import group_sharded_parallel
+            level = "os_g" if par.stage == 2 else "p_g_os"
+            model, opt, scaler = group_sharded_parallel(self.task.model, self.opts[phase], level,
+                                                        self.scalers[phase], offload=par.offload)
+            self.opts[phase], self.scalers[phase] = opt, scaler
+        else:
+            model = fleet.distributed_model(self.task.model)
+            self.opts[phase] = fleet.distributed_optimizer(self.opts[phase])
+            if self.scalers[phase]._enable:
+                self.scalers[phase] = fleet.distributed_scaler(self.scalers[phase])
+        self.task.distribute(model)
+
+    def local_state(self, name, layer):
+        """Weights of module `name` keyed by the single-process model's names (pipeline stages renamed)."""
+        state = layer.state_dict()
+        if name == "model" and self.pipeline:
+            return self.task.pipeline_to_model_names(state)
+        return state
+
+    def set_local_state(self, name, layer, state, origin):
+        if name == "model" and self.pipeline:
+            state = self.task.model_to_pipeline_names(state)
+        own = layer.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{origin}: parameters do not match the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        for k, v in own.items():
+            if list(v.shape) != list(state[k].shape):
+                raise CheckpointError(f"{origin}: '{k}' has shape {list(state[k].shape)}, this rank's model "
+                                      f"expects {list(v.shape)}")
+        layer.set_state_dict(state)
+
+    def init_weights(self, path):
+        """Model weights from a checkpoint of any parallel layout, cut for this rank; a fresh optimizer."""
+        folder = resolve_checkpoint(path)
+        meta, _ = read_meta(folder)
+        if meta.get("task") != self.cfg.Global.task:
+            raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint cannot initialise a "
+                                  f"'{self.cfg.Global.task}' run")
+        full = convert.read_full_state(folder)
+        par = self.par
+        mine = convert.split(full, self.cfg.Model.get("num_layers", 0), par.mp, par.pp, par.mp_rank, par.pp_rank)
+        self.set_local_state("model", self.task.model, mine, folder)
+        self.log.info(f"initialised the model from {folder} (mp={par.mp}, pp={par.pp} slice of rank {par.rank})")
 
     # ---- state -------------------------------------------------------------------------------------
     def optimizer_states(self):
@@ -98,14 +164,52 @@ class Trainer:
                     "scaler": self.scalers[p].state_dict()} for p in self.opts}
 
     def save(self):
-        if self.rank != 0:
-            return None
         folder = os.path.join(self.ckpt_dir, f"step_{self.step:08d}")
         state = {"step": self.step, "task": self.cfg.Global.task, "model": self.cfg.Model.name,
                  "skipped_images": self.skipped, "world_size": self.world}
-        save_checkpoint(folder, self.cfg, self.task.modules(), self.optimizer_states(), state)
-        mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
-        self.log.info(f"saved checkpoint {folder}")
+        if not self.par.enabled:
+            save_checkpoint(folder, self.cfg, self.task.modules(), self.optimizer_states(), state)
+            mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
+            self.log.info(f"saved checkpoint {folder}")
+            return folder
+        return self.save_parallel(folder, dict(state, parallel=self.par.describe()))
+
+    def save_parallel(self, folder, state):
+        """Every rank writes its files into one temporary folder (shared storage across nodes), which rank 0
+        renames when all are done: weights once per (mp rank, pp rank), optimizer and RNG state per rank."""
+        import pickle
+        import random
+        import shutil
+
+        import numpy as np
+        from paddle import distributed as dist
+        from ppvilg.utils.io import atomic_write_json
+        par, tmp = self.par, folder + ".partial"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        if par.sharding > 1 and par.stage == 3:
+            self.task.gather_sharded_parameters()
+        if par.writes_weights:
+            for name, layer in self.task.modules().items():
+                paddle.save(self.local_state(name, layer),
+                            os.path.join(tmp, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name)))
+        for phase, st in self.optimizer_states().items():
+            paddle.save(st, os.path.join(tmp, f"{phase}.rank{self.rank:03d}.pdopt"))
+        with open(os.path.join(tmp, f"rng.rank{self.rank:03d}.pkl"), "wb") as f:
+            from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+            pickle.dump({"python": random.getstate(), "numpy": np.random.get_state(),
+                         "paddle": paddle.get_rng_state(), "tracker": get_rng_state_tracker().get_states_tracker()}, f)
+        dist.barrier()
+        if self.rank == 0:
+            atomic_write_json(os.path.join(tmp, "trainer_state.json"), dict(state, paddle_version=paddle.__version__))
+            save_config(self.cfg, os.path.join(tmp, "config.yaml"))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
+            self.log.info(f"saved checkpoint {folder} ({self.world} ranks)")
+        dist.barrier()
         return folder
 
     def resume(self, path):
@@ -114,15 +218,38 @@ class Trainer:
         if meta.get("task") != self.cfg.Global.task:
             raise RuntimeError(f"{folder}: a '{meta.get('task')}' checkpoint cannot resume a "
                                f"'{self.cfg.Global.task}' run")
+        saved = meta.get("parallel") or {"dp": 1, "mp": 1, "pp": 1, "sharding": 1, "sharding_stage": 1}
+        if self.par.enabled and saved != self.par.describe() or not self.par.enabled and meta.get("parallel"):
+            raise CheckpointError(f"{folder}: written with the layout {saved}, this run has {self.par.describe()}; "
+                                  "resume with the same layout, or convert the weights (tools/convert_checkpoint.py) "
+                                  "and start from them with -o Global.init_weights=... (a fresh optimizer)")
+        par = self.par
         for name, layer in self.task.modules().items():
-            load_state_strict(layer, os.path.join(folder, f"{name}.pdparams"))
+            path_w = os.path.join(folder, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name))
+            if not os.path.isfile(path_w):
+                raise CheckpointError(f"{path_w}: missing (the checkpoint has no weights for this module)")
+            self.set_local_state(name, layer, paddle.load(path_w), path_w)
+        suffix = f".rank{self.rank:03d}" if par.enabled else ""
         for phase in self.opts:
-            st = paddle.load(os.path.join(folder, f"{phase}.pdopt"))
+            st = paddle.load(os.path.join(folder, f"{phase}{suffix}.pdopt"))
             back = {v: k for k, v in self.param_names[phase].items()}
             self.opts[phase].set_state_dict(rename_optimizer_state(st["optimizer"], back))
             self.scheds[phase].set_state_dict(st["schedule"])
             self.scalers[phase].load_state_dict(st["scaler"])
-        restore_rng(folder)
+        if par.enabled:
+            import pickle
+            import random
+
+            import numpy as np
+            from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+            with open(os.path.join(folder, f"rng.rank{self.rank:03d}.pkl"), "rb") as f:
+                rng = pickle.load(f)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            paddle.set_rng_state(rng["paddle"])
+            get_rng_state_tracker().set_states_tracker(rng["tracker"])
+        else:
+            restore_rng(folder)
         self.step, self.skipped = meta["step"], meta.get("skipped_images", 0)
         self.log.info(f"resumed from {folder} at step {self.step}")
 
@@ -140,6 +267,10 @@ class Trainer:
                 w.add_scalar(f"{prefix}/{k}", float(v), self.step)
 
     def evaluate(self, dataset):
+        if self.pipeline:
+            self.log.info(f"step {self.step}: no evaluation under pipeline parallel; merge a checkpoint with "
+                          "tools/convert_checkpoint.py and run tools/eval.py on it")
+            return {}
         t0 = time.time()
         self.task.eval()
         metrics, images = self.task.evaluate(dataset)
@@ -163,13 +294,19 @@ class Trainer:
             self.resume(cfg.Global.resume)
         train_set = build_dataset(cfg.Data.train, cfg.Data.image_size)
         eval_set = build_dataset(cfg.Data.eval, cfg.Data.image_size)
-        loader = train_loader(train_set, tc.micro_batch_size, cfg.Global.seed, self.step * tc.accum_steps,
-                              cfg.Data.num_workers, self.rank, self.world)
+        par = self.par
+        if self.pipeline:  # a step's whole batch per call; the pipeline cuts it into accum_steps micro-batches
+            loader = train_loader(train_set, tc.batch_size, cfg.Global.seed, self.step, cfg.Data.num_workers,
+                                  par.data_rank, par.data_world)
+        else:
+            loader = train_loader(train_set, tc.micro_batch_size, cfg.Global.seed, self.step * tc.accum_steps,
+                                  cfg.Data.num_workers, par.data_rank, par.data_world)
         batches = iter(loader)
         self.log.info(f"training {cfg.Global.task}: {sum(p.size for p in self.task.modules()['model'].parameters()):,} "
                       f"model parameters, {len(train_set)} train / {len(eval_set)} eval pairs, "
                       f"steps {self.step} -> {tc.max_steps}, batch {tc.batch_size} "
-                      f"({tc.accum_steps} x {tc.micro_batch_size}), device {paddle.get_device()}")
+                      f"({tc.accum_steps} x {tc.micro_batch_size}), device {paddle.get_device()}"
+                      + (f", {self.world} processes {par.describe()}" if par.enabled else ""))
         self.task.train()
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=None if self.rank == 0 else True,
                    dynamic_ncols=True, mininterval=2.0)
@@ -199,6 +336,8 @@ class Trainer:
         return metrics
 
     def train_step(self, batches):
+        if self.pipeline:
+            return self.pipeline_step(next(batches))
         tc = self.cfg.Train
         sums, used, n_samples = {}, set(), 0
         for _ in range(tc.accum_steps):
@@ -232,3 +371,16 @@ class Trainer:
         sums["skipped_images"] = self.skipped
         sums["_samples"] = n_samples
         return sums
+
+    def pipeline_step(self, batch):
+        """One optimizer step through the pipeline schedule (1F1B over Train.accum_steps micro-batches)."""
+        if batch["skipped"]:
+            raise RuntimeError(f"unreadable data under pipeline parallel (every stage needs the same batch): "
+                               f"{batch['skipped'][0]}")
+        phase = next(iter(self.opts))
+        scaler = self.scalers[phase] if self.scalers[phase]._enable else None
+        with paddle.amp.auto_cast(**self.amp_kwargs):
+            loss, logs = self.task.pipeline_step(batch, self.opts[phase], scaler, self.step)
+        self.scheds[phase].step()
+        return dict(logs, loss=loss, **{f"{phase}_loss": loss}, skipped_images=self.skipped,
+                    _samples=len(batch["text"]))

@@ -15,7 +15,8 @@ from ppvilg.engine.checkpoint import CheckpointError
 from ppvilg.engine.task import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
 from ppvilg.models.layout import image_to_text, text_to_image
-from ppvilg.models.vilg import ViLG
+from ppvilg.distributed.env import current as current_parallel
+from ppvilg.models.vilg import ViLG, build_pipeline, pipeline_name_map
 from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
 
@@ -109,9 +110,23 @@ class ViLGTask(Task):
             n = _vocab_size(vocab)
         except OSError as e:
             raise ConfigError(f"{origin}: Text.vocab_file: cannot read {vocab!r} ({e.strerror})") from None
-        if cfg.Model.text_vocab_size != n:
+        if cfg.Model.text_vocab_size < n:
             raise ConfigError(f"{origin}: Model.text_vocab_size is {cfg.Model.text_vocab_size} but the vocabulary "
-                              f"{vocab} has {n} tokens; set -o Model.text_vocab_size={n}")
+                              f"{vocab} has {n} tokens; set -o Model.text_vocab_size={n} (or more: padding rows "
+                              "for tensor parallel, never generated)")
+        d, m = cfg.Distributed, cfg.Model
+        for what, v in (("num_heads", m.num_heads), ("text_vocab_size", m.text_vocab_size),
+                        ("hidden_size * ffn_mult", m.hidden_size * m.ffn_mult)):
+            if v % d.mp_degree:
+                hint = (f" (pad it: -o Model.text_vocab_size={-(-v // d.mp_degree) * d.mp_degree})"
+                        if what == "text_vocab_size" else "")
+                raise ConfigError(f"{origin}: Distributed.mp_degree {d.mp_degree} must divide Model.{what} = {v}{hint}")
+        if d.pp_degree > 1:
+            if m.num_layers < d.pp_degree:
+                raise ConfigError(f"{origin}: Distributed.pp_degree {d.pp_degree} exceeds Model.num_layers {m.num_layers}")
+            if m.tie_text_head:
+                raise ConfigError(f"{origin}: Model.tie_text_head cannot be used with pipeline parallel (the text "
+                                  "embedding and head live on different stages)")
         if cfg.Model.attention not in ("dense", "sparse"):
             raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
         if cfg.Model.hidden_size % cfg.Model.num_heads:
@@ -126,9 +141,16 @@ class ViLGTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.model = build_vilg(cfg.Model)
+        par = current_parallel()
+        config = model_config(cfg.Model)
+        if par.pp > 1:  # this rank's stages of the same layers (ppvilg.models.vilg.build_pipeline)
+            self.model = build_pipeline(config, par, cfg.Loss.t2i_weight, cfg.Loss.i2t_weight)
+            self.model.config = config
+        else:
+            self.model = ViLG(config, par)
+        self.train_model = self.model   # replaced by the parallel wrapper (Trainer.distribute)
         self.tokenizer = TextTokenizer(cfg.Text.vocab_file)
-        self.batcher = PairBatcher(self.tokenizer, self.model.config)
+        self.batcher = PairBatcher(self.tokenizer, config)
         self._vq = None
 
     @property
@@ -145,6 +167,49 @@ class ViLGTask(Task):
 
     def modules(self):
         return {"model": self.model}
+
+    def distribute(self, model):
+        self.train_model = model
+
+    # ---- pipeline parallel --------------------------------------------------------------------------
+    def _pipe_prefixes(self):
+        names = pipeline_name_map(self.model.config.num_layers)
+        return {str(i): p for i, p in names.items()}
+
+    def pipeline_to_model_names(self, state):
+        """'3.attn.q.weight' (PipelineLayer item 3) -> 'blocks.2.attn.q.weight'."""
+        pre = self._pipe_prefixes()
+        out = {}
+        for k, v in state.items():
+            item, rest = k.split(".", 1)
+            out[pre[item] + rest] = v
+        return out
+
+    def model_to_pipeline_names(self, state):
+        own = {self.pipeline_to_model_names({k: None}).popitem()[0]: k for k in self.model.state_dict()}
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise CheckpointError(f"weights {unknown[:5]} do not belong to this pipeline stage")
+        return {own[k]: v for k, v in state.items()}
+
+    def pipeline_step(self, batch, optimizer, scaler, step):
+        """Forward, backward and the optimizer step of one batch through the pipeline schedule.
+        Both directions of each pair travel together: ids / valid [b, 2, S], labels per direction."""
+        codes = self.codes_of(batch)
+        drop = None
+        if self.cfg.Loss.cond_dropout > 0:
+            drop = (paddle.rand([len(batch["text"])]) < self.cfg.Loss.cond_dropout).numpy()
+        ids1, valid1, lab_img = self.batcher.text_to_image(codes, batch["text"], drop)
+        ids2, valid2, lab_txt = self.batcher.image_to_text(codes, batch["text"])
+        ids = paddle.to_tensor(np.stack([ids1, ids2], 1))
+        valid = paddle.to_tensor(np.stack([valid1, valid2], 1).astype(np.float32))
+        data = [(ids, valid), (paddle.to_tensor(lab_img), paddle.to_tensor(lab_txt))]
+        loss = self.train_model.train_batch(data, optimizer, None, scaler)
+        return float(np.asarray(loss).mean()), {"truncated_texts": self.batcher.truncated}
+
+    def gather_sharded_parameters(self):
+        """Sharding stage 3 keeps a slice of each weight per rank; gather them before saving (GPU only)."""
+        self.train_model.get_all_parameters()
 
     def phases(self):
         return {"model": (self.model.parameters(), {})}
@@ -165,11 +230,12 @@ class ViLGTask(Task):
 
     def losses(self, codes, texts, drop=None):
         """(text->image loss, image->text loss, their label arrays) for one batch."""
-        m, b = self.model, self.batcher
-        ids, valid, lab_img = b.text_to_image(codes, texts, drop)
-        _, l_t2i = m(paddle.to_tensor(ids), valid, b.t2i, paddle.to_tensor(lab_img))
-        ids, valid, lab_txt = b.image_to_text(codes, texts)
-        _, l_i2t = m(paddle.to_tensor(ids), valid, b.i2t, paddle.to_tensor(lab_txt))
+        b = self.batcher
+        ids1, valid1, lab_img = b.text_to_image(codes, texts, drop)
+        ids2, valid2, lab_txt = b.image_to_text(codes, texts)
+        t = paddle.to_tensor
+        (_, l_t2i), (_, l_i2t) = self.train_model([t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t],
+                                                  [t(lab_img), t(lab_txt)])  # one call: see ViLG.forward
         return l_t2i, l_i2t, lab_img, lab_txt
 
     def phase_loss(self, phase, batch, step):

@@ -59,6 +59,10 @@ class VQGANTask(Task):
         m, loss = cfg.Model, cfg.Loss
         if m.name != "vqgan":
             raise ConfigError(f"{origin}: Global.task 'vqgan' needs Model.name 'vqgan', got {m.name!r}")
+        if cfg.Distributed.world_size > 1:
+            raise ConfigError(f"{origin}: the stage-1 tokenizer trains in one process (its EMA codebook, dead-code "
+                              "restarts and adaptive GAN weight are not synchronised across ranks); the "
+                              "Distributed section applies to stage 2 (Global.task vilg)")
         f = 2 ** (len(m.channel_mult) - 1)
         if cfg.Data.image_size % f:
             raise ConfigError(f"{origin}: Data.image_size ({cfg.Data.image_size}) must be a multiple of the "

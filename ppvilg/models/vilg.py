@@ -6,8 +6,17 @@ Embedding of slot s = token embedding (text table, or image table whose extra la
                       + segment kind (text source / text target / image source / image target).
 Blocks are pre-LN (x + attn(LN x), x + MLP(LN x)), then a final LN; a text head and an image head give the
 logits of text target slots and image target slots. See ppvilg/models/layout.py for sequences and masks.
+
+Parallel execution (ppvilg/distributed/env.py, the `Distributed` config section) changes layers, not the model:
+with tensor parallel (mp > 1) q/k/v and the first MLP layer are ColumnParallelLinear, the attention output and
+second MLP layer RowParallelLinear, the text embedding VocabParallelEmbedding and the text head column-parallel
+with ParallelCrossEntropy (each rank holds heads / mp attention heads and text_vocab_size / mp text logits);
+`MP_SPLIT_AXES` lists which axis of which parameter is split. With pipeline parallel the same embedding, Block
+and head code runs as stages of a PipelineLayer (`build_pipeline`) whose parameters map one to one onto
+ViLG's names (`pipeline_name_map`). Recompute (full block or attention scores) is a flag of Block.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +24,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppvilg.models.layout import IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, layer_pattern, pattern_mask
+from ppvilg.distributed.env import current as current_parallel
+from ppvilg.models.layout import (IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, image_to_text, layer_pattern,
+                                  pattern_mask, text_to_image)
 from ppvilg.registry import MODEL_CONFIGS
 
 
@@ -52,13 +63,64 @@ def count_parameters(c: ViLGConfig):
     return c.num_layers * per_layer + emb + 2 * d + heads
 
 
+# Parameters split under tensor parallel: name pattern -> axis (ColumnParallelLinear weights [in, out/mp] and
+# biases, RowParallelLinear weights [in/mp, out], the text vocabulary's rows, the text logits' bias).
+MP_SPLIT_AXES = {
+    r"text_emb\.weight": 0,
+    r"text_head\.weight": 1,
+    r"text_bias": 0,
+    r"blocks\.\d+\.attn\.(q|k|v)\.weight": 1,
+    r"blocks\.\d+\.attn\.(q|k|v)\.bias": 0,
+    r"blocks\.\d+\.attn\.proj\.weight": 0,
+    r"blocks\.\d+\.mlp\.0\.weight": 1,
+    r"blocks\.\d+\.mlp\.0\.bias": 0,
+    r"blocks\.\d+\.mlp\.2\.weight": 0,
+}
+
+
+def mp_split_axis(name):
+    """The axis along which tensor parallel splits parameter `name` (ViLG naming), or None if replicated."""
+    for pattern, axis in MP_SPLIT_AXES.items():
+        if re.fullmatch(pattern, name):
+            return axis
+    return None
+
+
+def _normal():
+    return paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 0.02))
+
+
+def _linear(d_in, d_out, split, mp, bias=True):
+    """nn.Linear, or its tensor-parallel version when mp > 1 ('col': output split, 'row': input split)."""
+    if mp == 1 or split is None:
+        return nn.Linear(d_in, d_out, bias_attr=None if bias else False)
+    from paddle.distributed.fleet.meta_parallel import ColumnParallelLinear, RowParallelLinear
+    if split == "col":
+        return ColumnParallelLinear(d_in, d_out, weight_attr=_normal(), has_bias=bias, gather_output=False)
+    return RowParallelLinear(d_in, d_out, weight_attr=_normal(), has_bias=bias, input_is_parallel=True)
+
+
+def _check_mp(c, mp):
+    for what, n in (("num_heads", c.num_heads), ("hidden_size * ffn_mult", c.hidden_size * c.ffn_mult),
+                    ("text_vocab_size", c.text_vocab_size)):
+        if n % mp:
+            raise ValueError(f"tensor parallel degree {mp} does not divide Model.{what} = {n}")
+
+
 class Attention(nn.Layer):
-    def __init__(self, d, heads, dropout):
+    def __init__(self, d, heads, dropout, mp=1, recompute="none"):
         super().__init__()
-        self.heads, self.head_dim = heads, d // heads
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.proj = nn.Linear(d, d)
+        self.heads, self.head_dim = heads // mp, d // heads   # this rank's heads
+        self.q, self.k, self.v = (_linear(d, d, "col", mp) for _ in range(3))
+        self.proj = _linear(d, d, "row", mp)
         self.dropout = dropout
+        self.recompute_scores = recompute == "core_attn"
+
+    def _scores(self, q, k, v, mask):
+        att = paddle.matmul(q, k, transpose_y=True) / math.sqrt(self.head_dim) + mask
+        att = F.softmax(att.astype("float32"), axis=-1).astype(q.dtype)
+        att = F.dropout(att, self.dropout, training=self.training)
+        return paddle.matmul(att, v)
 
     def forward(self, x, mask, cache=None, start=0):
         """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1, s, S_keys].
@@ -73,55 +135,50 @@ class Attention(nn.Layer):
             cache[0][:, :, start:start + s] = k
             cache[1][:, :, start:start + s] = v
             k, v = cache
-        att = paddle.matmul(q, k, transpose_y=True) / math.sqrt(self.head_dim) + mask
-        att = F.softmax(att.astype("float32"), axis=-1).astype(q.dtype)
-        att = F.dropout(att, self.dropout, training=self.training)
-        out = paddle.matmul(att, v).transpose([0, 2, 1, 3]).reshape([b, s, -1])
-        return self.proj(out)
+        if self.recompute_scores and self.training:
+            from paddle.distributed.fleet.utils import recompute
+            out = recompute(self._scores, q, k, v, mask)
+        else:
+            out = self._scores(q, k, v, mask)
+        return self.proj(out.transpose([0, 2, 1, 3]).reshape([b, s, -1]))
 
 
 class Block(nn.Layer):
-    def __init__(self, c: ViLGConfig):
+    def __init__(self, c: ViLGConfig, mp=1, recompute="none"):
         super().__init__()
         d = c.hidden_size
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, c.num_heads, c.dropout)
-        self.mlp = nn.Sequential(nn.Linear(d, d * c.ffn_mult), nn.GELU(), nn.Linear(d * c.ffn_mult, d),
-                                 nn.Dropout(c.dropout))
+        self.attn = Attention(d, c.num_heads, c.dropout, mp, recompute)
+        self.mlp = nn.Sequential(_linear(d, d * c.ffn_mult, "col", mp), nn.GELU(),
+                                 _linear(d * c.ffn_mult, d, "row", mp), nn.Dropout(c.dropout))
+        self.recompute_block = recompute == "full"
 
-    def forward(self, x, mask, cache=None, start=0):
+    def _forward(self, x, mask, cache=None, start=0):
         x = x + self.attn(self.ln1(x), mask, cache, start)
         return x + self.mlp(self.ln2(x))
 
+    def forward(self, x, mask, cache=None, start=0):
+        if self.recompute_block and self.training and cache is None:
+            from paddle.distributed.fleet.utils import recompute
+            return recompute(self._forward, x, mask)
+        return self._forward(x, mask, cache, start)
 
-class ViLG(nn.Layer):
-    def __init__(self, config: ViLGConfig):
-        super().__init__()
-        c = self.config = config
+
+class _Embeddings:
+    """Token, position and kind embeddings (mixed into ViLG and its first pipeline stage)."""
+
+    def _build_embeddings(self, c, mp):
         d = c.hidden_size
-        if d % c.num_heads:
-            raise ValueError(f"hidden_size {d} is not a multiple of num_heads {c.num_heads}")
-        self.boi_id = c.num_codes  # [BOI]: the extra last row of the image table
-        self.text_emb = nn.Embedding(c.text_vocab_size, d)
+        if mp > 1:
+            from paddle.distributed.fleet.meta_parallel import VocabParallelEmbedding
+            self.text_emb = VocabParallelEmbedding(c.text_vocab_size, d, weight_attr=_normal())
+        else:
+            self.text_emb = nn.Embedding(c.text_vocab_size, d)
         self.image_emb = nn.Embedding(c.num_codes + 1, d)
         self.text_pos = nn.Embedding(c.max_text_len, d)
         self.row_emb, self.col_emb = nn.Embedding(c.grid, d), nn.Embedding(c.grid, d)
         self.kind_emb = nn.Embedding(4, d)
-        self.blocks = nn.LayerList([Block(c) for _ in range(c.num_layers)])
-        self.ln_f = nn.LayerNorm(d)
-        self.text_head = None if c.tie_text_head else nn.Linear(d, c.text_vocab_size, bias_attr=False)
-        self.text_bias = self.create_parameter([c.text_vocab_size], is_bias=True)
-        self.image_head = nn.Linear(d, c.num_codes)
-        self.apply(self._init)
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.initializer.Normal(0.0, 0.02)(m.weight)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.initializer.Constant(0.0)(m.bias)
-
-    # ---- pieces used by forward and by generation ----------------------------------------------------
     def embed(self, ids, kind, pos):
         """ids [B, S] int64; kind, pos [S] int64 (numpy or tensor) -> [B, S, D]."""
         kind, pos = paddle.to_tensor(kind), paddle.to_tensor(pos)
@@ -132,6 +189,72 @@ class ViLG(nn.Layer):
         p_img = self.row_emb(pos.clip(0, c.grid * c.grid - 1) // c.grid) + self.col_emb(pos % c.grid)
         p_txt = self.text_pos(pos.clip(0, c.max_text_len - 1))
         return tok + paddle.where(is_img[0], p_img, p_txt).unsqueeze(0) + self.kind_emb(kind).unsqueeze(0)
+
+
+class _Heads:
+    """Final LN, text and image heads and their losses (mixed into ViLG and its last pipeline stage)."""
+
+    def _build_heads(self, c, mp):
+        d = c.hidden_size
+        self.mp = mp
+        self.ln_f = nn.LayerNorm(d)
+        self.text_head = None if c.tie_text_head else _linear(d, c.text_vocab_size, "col", mp, bias=False)
+        self.text_bias = self.create_parameter([c.text_vocab_size // mp], is_bias=True)
+        if mp > 1:
+            self.text_bias.is_distributed, self.text_bias.split_axis = True, 0
+        self.image_head = nn.Linear(d, c.num_codes)
+
+    def head(self, h, target_kind):
+        """Logits of target slots: image codes [.., num_codes], or text [.., text_vocab_size / mp]."""
+        h = self.ln_f(h)
+        if target_kind == IMAGE_TGT:
+            return self.image_head(h)
+        if self.text_head is None:
+            if self.mp > 1:
+                from paddle.distributed.fleet.layers.mpu import mp_ops
+                h = mp_ops._c_identity(h, group=current_parallel().hcg.get_model_parallel_group())
+            return paddle.matmul(h, self.text_emb.weight, transpose_y=True) + self.text_bias
+        return self.text_head(h) + self.text_bias
+
+    def loss(self, logits, labels, target_kind):
+        """Mean cross-entropy over the labels != -100 (text logits vocabulary-parallel when mp > 1).
+        The mean is taken here: paddle's cross_entropy(reduction='mean', ignore_index=-100) divides by all
+        labels, ignored ones included (PaddlePaddle/Paddle#48663)."""
+        if target_kind == TEXT_TGT and self.mp > 1:
+            from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
+            per_token = ParallelCrossEntropy(ignore_index=-100)(logits.astype("float32"), labels.unsqueeze(-1))
+        else:
+            per_token = F.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), ignore_index=-100,
+                                        reduction="none")
+        keep = (labels != -100).astype("float32")
+        return (per_token.reshape(labels.shape) * keep).sum() / keep.sum().clip(min=1.0)
+
+
+class ViLG(nn.Layer, _Embeddings, _Heads):
+    def __init__(self, config: ViLGConfig, parallel=None):
+        """parallel: a ppvilg.distributed.env.ParallelState (default: this process's) giving the tensor
+        parallel degree and the recompute granularity."""
+        super().__init__()
+        c = self.config = config
+        par = parallel or current_parallel()
+        if c.hidden_size % c.num_heads:
+            raise ValueError(f"hidden_size {c.hidden_size} is not a multiple of num_heads {c.num_heads}")
+        _check_mp(c, par.mp)
+        self.boi_id = c.num_codes  # [BOI]: the extra last row of the image table
+        self._build_embeddings(c, par.mp)
+        self.blocks = nn.LayerList([Block(c, par.mp, par.recompute) for _ in range(c.num_layers)])
+        self._build_heads(c, par.mp)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        # tensor-parallel layers are initialised through their weight_attr (per-rank RNG for split weights)
+        if type(m) in (nn.Linear, nn.Embedding):
+            nn.initializer.Normal(0.0, 0.02)(m.weight)
+        if type(m) is nn.Linear and m.bias is not None:
+            nn.initializer.Constant(0.0)(m.bias)
+
+    # ---- pieces used by forward and by generation ----------------------------------------------------
 
     def layer_masks(self, layout, valid, dtype="float32"):
         """Additive masks [B, 1, S, S] per layer (shared objects for equal patterns)."""
@@ -144,14 +267,6 @@ class ViLG(nn.Layer):
                 cache[pat] = paddle.to_tensor(np.where(allowed, 0.0, -1e9).astype(np.float32)[:, None]).astype(dtype)
             out.append(cache[pat])
         return out
-
-    def head(self, h, target_kind):
-        h = self.ln_f(h)
-        if target_kind == IMAGE_TGT:
-            return self.image_head(h)
-        if self.text_head is None:
-            return paddle.matmul(h, self.text_emb.weight, transpose_y=True) + self.text_bias
-        return self.text_head(h) + self.text_bias
 
     # ---- training / scoring ---------------------------------------------------------------------------
     def hidden(self, ids, valid, layout):
@@ -166,7 +281,7 @@ class ViLG(nn.Layer):
     # ---- inference with a preallocated KV cache (driven by ppvilg.generation) ---------------------------
     def new_cache(self, batch, length, dtype="float32"):
         c = self.config
-        shape = [batch, c.num_heads, length, c.hidden_size // c.num_heads]
+        shape = [batch, self.blocks[0].attn.heads, length, c.hidden_size // c.num_heads]
         return [(paddle.zeros(shape, dtype), paddle.zeros(shape, dtype)) for _ in range(c.num_layers)]
 
     def step(self, ids, kind, pos, masks, cache, start):
@@ -179,11 +294,116 @@ class ViLG(nn.Layer):
 
     def forward(self, ids, valid, layout, labels=None):
         """ids [B, S] int64, valid [B, S] bool (numpy), layout: Layout.
-        Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None)."""
+        Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None).
+        Lists of ids / valid / layouts / labels run several sequences (e.g. both directions of a batch) in one
+        call and return a list of such pairs: a data-parallel wrapper then sees one forward per backward."""
+        if isinstance(layout, (list, tuple)):
+            labels = labels if labels is not None else [None] * len(layout)
+            return [self.forward(*args) for args in zip(ids, valid, layout, labels)]
         x = self.hidden(ids, valid, layout)
         logits = self.head(x[:, layout.target_slice()], layout.kinds[-1])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), ignore_index=-100,
-                                   reduction="mean")
+        loss = None if labels is None else self.loss(logits, labels, layout.kinds[-1])
         return logits, loss
+
+
+# ---- pipeline parallel: the same pieces as stages of a PipelineLayer ------------------------------------------
+# A pipeline step trains both directions of each pair at once. Stage inputs: ids [b, 2, S] (row 0 the
+# text->image sequence, row 1 the image->text one; both have S = max_text_len + grid^2 slots) and valid
+# [b, 2, S] (float, 1 = real slot); between stages flow (x [b, 2, S, D], key padding [b, 2, S] additive); the
+# last stage returns (image logits of row 0's target, text logits of row 1's target) and the loss is
+# t2i_weight * CE(image) + i2t_weight * CE(text), the same as ViLGTask's two forward passes.
+
+def pipeline_bounds(num_layers, pp):
+    """Stage boundaries over the items [embedding, block 0 .. block L-1, heads]: blocks spread evenly
+    (earlier stages take the remainder), the embedding with the first stage, the heads with the last."""
+    if num_layers < pp:
+        raise ValueError(f"pipeline degree {pp} exceeds Model.num_layers {num_layers}")
+    per, extra = divmod(num_layers, pp)
+    bounds, b = [0], 1
+    for s in range(pp):
+        b += per + (1 if s < extra else 0)
+        bounds.append(b)
+    bounds[-1] = num_layers + 2
+    return bounds
+
+
+def pipeline_name_map(num_layers):
+    """PipelineLayer item index -> prefix of ViLG parameter names ('' for the embedding and the heads)."""
+    return {0: "", **{i + 1: f"blocks.{i}." for i in range(num_layers)}, num_layers + 1: ""}
+
+
+def _layouts(c):
+    return text_to_image(c.max_text_len, c.grid), image_to_text(c.max_text_len, c.grid)
+
+
+class PipeEmbed(nn.Layer, _Embeddings):
+    def __init__(self, config, mp=1):
+        super().__init__()
+        self.config = config
+        self._build_embeddings(config, mp)
+        self.arrays = [lay.arrays() for lay in _layouts(config)]
+
+    def forward(self, inputs):
+        ids, valid = inputs
+        x = paddle.stack([self.embed(ids[:, r], *self.arrays[r]) for r in range(2)], 1)
+        return x, (1.0 - valid.astype("float32")) * -1e9
+
+
+class PipeBlock(Block):
+    def __init__(self, config, index, mp=1, recompute="none"):
+        super().__init__(config, mp, recompute)
+        pattern = layer_pattern(index, config.num_layers, config.attention)
+        static = []
+        for lay in _layouts(config):  # the masks of layer_masks without the key padding, which comes per batch
+            allowed = base_mask(lay, np.ones([1, lay.length], bool))[0] & pattern_mask(lay, config.grid, pattern)
+            static.append(np.where(allowed, 0.0, -1e9).astype(np.float32))
+        self.register_buffer("static_mask", paddle.to_tensor(np.stack(static)), persistable=False)
+
+    def forward(self, inputs):
+        x, pad = inputs
+        b, _, s, d = x.shape
+        mask = (self.static_mask.unsqueeze(0).unsqueeze(2) + pad.unsqueeze(2).unsqueeze(3)).reshape([2 * b, 1, s, s])
+        y = super().forward(x.reshape([2 * b, s, d]), mask.astype(x.dtype))
+        return y.reshape([b, 2, s, d]), pad
+
+
+class PipeHeads(nn.Layer, _Heads):
+    def __init__(self, config, mp=1):
+        super().__init__()
+        self.config = config
+        self._build_heads(config, mp)
+
+    def forward(self, inputs):
+        x, _ = inputs
+        c = self.config
+        return self.head(x[:, 0, c.max_text_len:], IMAGE_TGT), self.head(x[:, 1, c.grid * c.grid:], TEXT_TGT)
+
+
+class PipeLoss(nn.Layer):
+    def __init__(self, mp=1, t2i_weight=1.0, i2t_weight=1.0):
+        super().__init__()
+        self.mp, self.w = mp, (t2i_weight, i2t_weight)
+
+    def forward(self, outputs, labels):
+        (img, txt), (lab_img, lab_txt) = outputs, labels
+        return (self.w[0] * _Heads.loss(self, img, lab_img, IMAGE_TGT)
+                + self.w[1] * _Heads.loss(self, txt, lab_txt, TEXT_TGT))
+
+
+def build_pipeline(config, parallel, t2i_weight=1.0, i2t_weight=1.0):
+    """The ViLG model as a PipelineLayer over `parallel`'s topology (fleet initialised with pp > 1)."""
+    from paddle.distributed.fleet.meta_parallel import LayerDesc, PipelineLayer
+    c, mp = config, parallel.mp
+    if c.tie_text_head:
+        raise ValueError("Model.tie_text_head shares a weight between the first and the last pipeline stage; "
+                         "use tie_text_head=false with pipeline parallel")
+    _check_mp(c, mp)
+    descs = ([LayerDesc(PipeEmbed, c, mp)]
+             + [LayerDesc(PipeBlock, c, i, mp, parallel.recompute) for i in range(c.num_layers)]
+             + [LayerDesc(PipeHeads, c, mp)])
+    layer = PipelineLayer(layers=descs, num_stages=parallel.pp, topology=parallel.hcg.topology(),
+                          loss_fn=PipeLoss(mp, t2i_weight, i2t_weight),
+                          seg_method=pipeline_bounds(c.num_layers, parallel.pp))
+    for m in layer.sublayers():
+        ViLG._init(m)
+    return layer
