@@ -21,10 +21,11 @@ def main():
     args = config_parser(__doc__).parse_args()
     cfg = load_or_exit(args)
     setup_from_config(cfg)
-    if cfg.Distributed.mp_degree > 1 and paddle.get_device() == "cpu":
+    stand_in = cfg.Distributed.mp_degree > 1 and paddle.get_device() == "cpu"
+    if stand_in:
         import cpu_collectives
         cpu_collectives.install()
-    par = init_parallel(cfg)
+    par = init_parallel(cfg, cpu_collectives_installed=stand_in)
     trainer = Trainer(cfg, build_task(cfg))
     trainer.fit()
     with open(os.path.join(cfg.Global.output_dir, f"history.rank{par.rank}.json"), "w") as f:

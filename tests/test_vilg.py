@@ -162,3 +162,20 @@ def test_condition_dropout_leaves_only_the_end_token():
     ids, valid, _ = batcher.text_to_image(codes, ["红色圆形", "blue"], drop=np.array([True, False]))
     assert valid[0, :16].sum() == 1 and ids[0, 0] == batcher.tok.eos_id
     assert valid[1, :16].sum() == 2 and ids[1, 1] == batcher.tok.eos_id
+
+
+def test_text_loss_is_the_mean_over_real_tokens():
+    """Padding labels (-100) neither add to the loss nor count in its mean (paddle's own 'mean' reduction
+    divides by every label, PaddlePaddle/Paddle#48663)."""
+    m = _model()
+    lay = image_to_text(16, 8)
+    ids = _ids(lay)
+    labels = np.random.default_rng(3).integers(0, 100, [2, 16])
+    labels[0, 5:], labels[1, 9:] = -100, -100
+    logits, loss = m(paddle.to_tensor(ids), np.ones([2, lay.length], bool), lay, paddle.to_tensor(labels))
+    x = logits.numpy().astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    keep = labels >= 0
+    want = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0][keep].mean()
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)

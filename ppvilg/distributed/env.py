@@ -134,9 +134,11 @@ def current():
     return _STATE
 
 
-def init_parallel(cfg):
+def init_parallel(cfg, cpu_collectives_installed=False):
     """Initialise Fleet for a multi-process run (before the model is built: tensor-parallel layers read the
-    communication groups) and record the process's coordinates. A single process is left as it is."""
+    communication groups) and record the process's coordinates. A single process is left as it is.
+    cpu_collectives_installed: the caller replaced Fleet's tensor-parallel collectives with CPU versions
+    (tests/cpu_collectives.py does, for the tests only)."""
     global _STATE
     st = ParallelState(cfg)
     if st.enabled:
@@ -146,6 +148,10 @@ def init_parallel(cfg):
         if st.sharding > 1 and st.stage > 1 and paddle.get_device() == "cpu":
             raise RuntimeError("Distributed.sharding_stage 2/3 needs GPUs (gloo, the CPU backend, has no "
                                "reduce_scatter); use sharding_stage 1 on CPU")
+        if st.mp > 1 and paddle.get_device() == "cpu" and not cpu_collectives_installed:
+            raise RuntimeError("Distributed.mp_degree > 1 needs GPUs: paddle's CPU build has no kernels for the "
+                               "tensor-parallel collectives (c_identity, c_concat, c_softmax_with_cross_entropy); "
+                               "on CPU use data parallel, sharding stage 1 or pipeline parallel")
         if st.pp > 1 and paddle.get_device() == "cpu":
             # the pipeline's p2p helper asks the parallel environment for a device id, which CPU runs lack
             paddle.distributed.ParallelEnv._device_id = 0
