@@ -4,7 +4,8 @@ setup(
     name="ppvilg",
     version="0.1.0",
     description="ERNIE-ViLG in PaddlePaddle: unified bidirectional text<->image generation over VQ tokens",
-    packages=find_packages(include=["ppvilg", "ppvilg.*"]),
+    packages=find_packages(include=["ppvilg", "ppvilg.*"]) + ["ppvilg_deploy"],
+    package_dir={"ppvilg_deploy": "deploy/python/ppvilg_deploy"},
     package_data={"ppvilg": ["data/assets/*", "text/assets/*"]},
     python_requires=">=3.9",
     install_requires=[

@@ -27,3 +27,33 @@ def tiny_shards(tmp_path_factory):
     for split, out in (("train", "train"), ("eval", "eval")):
         tokenize_to_shards(vq, str(root), vq_cfg.Data[split], 16, str(root / out), 64, 32)
     return root
+
+
+@pytest.fixture(scope="session")
+def run_dirs(tmp_path_factory):
+    """A tiny stage-1 and stage-2 checkpoint trained for 2 steps each (plumbing, not quality)."""
+    import numpy as np
+    from ppvilg.config import load_config
+    from ppvilg.data.images import write_png
+    from ppvilg.data.shards import tokenize_to_shards
+    from ppvilg.engine.tasks import build_task
+    from ppvilg.engine.trainer import Trainer
+    from ppvilg.engine.vqgan_task import load_vqgan
+    from ppvilg.utils.runtime import seed_everything
+    root = tmp_path_factory.mktemp("pipeline")
+    seed_everything(0)
+    vq_cfg = load_config(os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml"),
+                         [f"Global.output_dir={root / 'vq'}", "Train.max_steps=2", "Data.eval.num_samples=16"])
+    Trainer(vq_cfg, build_task(vq_cfg)).fit()
+    vq, _, folder = load_vqgan(str(root / "vq"))
+    for split in ("train", "eval"):
+        tokenize_to_shards(vq, folder, vq_cfg.Data[split], 16, str(root / "codes" / split), 64, 32)
+    cfg = load_config(os.path.join(ROOT, "configs/tests/vilg_tiny.yaml"),
+                      [f"Global.output_dir={root / 'vilg'}", f"Tokenizer.checkpoint={root / 'vq'}",
+                       f"Data.train.path={root / 'codes' / 'train'}", f"Data.eval.path={root / 'codes' / 'eval'}",
+                       "Train.max_steps=2"])
+    Trainer(cfg, build_task(cfg)).fit()
+    img = np.zeros((40, 30, 3), np.uint8)
+    img[10:20, 5:15] = (230, 30, 30)
+    write_png(str(root / "red.png"), img)
+    return root

@@ -23,8 +23,8 @@ def _codes(b=2, seed=0):
 
 @pytest.mark.parametrize("question", [None, "什么颜色"])
 def test_cached_decode_equals_full_forward_at_every_step(gen, question):
-    dec_c = gen._text_decoder(_codes(), question, use_cache=True)
-    dec_f = gen._text_decoder(_codes(), question, use_cache=False)
+    dec_c = gen._text_decoder(_codes(), question, {"use_cache": True})
+    dec_f = gen._text_decoder(_codes(), question, {"use_cache": False})
     rng = np.random.default_rng(0)
     for k in range(10):
         a, b = dec_c.logits_at(dec_c.t0 + k), dec_f.logits_at(dec_f.t0 + k)

@@ -8,6 +8,7 @@ import os
 
 import cv2
 import numpy as np
+from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_image  # noqa: F401
 
 
 class BadImageError(Exception):
@@ -64,30 +65,6 @@ def to_rgb_uint8(img, name="<array>"):
         alpha = img[:, :, 3:].astype(np.float32) / 255.0
         img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
     return np.ascontiguousarray(img[:, :, ::-1])
-
-
-def resize_center_crop(img, size):
-    """Resize so the short side is `size` (area filter when shrinking, cubic when growing), then center-crop."""
-    h, w = img.shape[:2]
-    scale = size / min(h, w)
-    if scale != 1.0:
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
-        img = cv2.resize(img, (nw, nh), interpolation=interp)
-        h, w = nh, nw
-    top, left = (h - size) // 2, (w - size) // 2
-    return img[top:top + size, left:left + size]
-
-
-def to_tensor_array(img):
-    """RGB uint8 HxWx3 -> float32 3xHxW in [-1, 1] (the range the VQ model works in)."""
-    return (img.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
-
-
-def to_uint8_image(arr):
-    """float 3xHxW in [-1, 1] -> RGB uint8 HxWx3."""
-    arr = np.clip((np.asarray(arr, np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
-    return arr.astype(np.uint8).transpose(1, 2, 0)
 
 
 def make_grid(images, ncol):

@@ -122,25 +122,43 @@ class Attention(nn.Layer):
         att = F.dropout(att, self.dropout, training=self.training)
         return paddle.matmul(att, v)
 
+    def _qkv(self, x):
+        b, s = x.shape[0], x.shape[1]
+        # separate projections: on CPU the backward of slicing or splitting a fused qkv is slower than them
+        return [f(x).reshape([b, s, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
+                for f in (self.q, self.k, self.v)]
+
+    def _out(self, o):
+        return self.proj(o.transpose([0, 2, 1, 3]).reshape([o.shape[0], o.shape[2], -1]))
+
     def forward(self, x, mask, cache=None, start=0):
         """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1, s, S_keys].
         cache: None (keys = these slots), or a preallocated (k, v) pair [B, H, S_max, Dh] into which these
         slots' keys and values are written at `start` (inference only); attention then runs over the whole
         buffer and the mask hides the slots not written yet."""
-        b, s, _ = x.shape
-        # separate projections: on CPU the backward of slicing or splitting a fused qkv is slower than them
-        q, k, v = [f(x).reshape([b, s, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
-                   for f in (self.q, self.k, self.v)]
+        q, k, v = self._qkv(x)
         if cache is not None:
+            s = x.shape[1]
             cache[0][:, :, start:start + s] = k
             cache[1][:, :, start:start + s] = v
             k, v = cache
         if self.recompute_scores and self.training:
             from paddle.distributed.fleet.utils import recompute
-            out = recompute(self._scores, q, k, v, mask)
-        else:
-            out = self._scores(q, k, v, mask)
-        return self.proj(out.transpose([0, 2, 1, 3]).reshape([b, s, -1]))
+            return self._out(recompute(self._scores, q, k, v, mask))
+        return self._out(self._scores(q, k, v, mask))
+
+    def step_functional(self, x, mask, cache_k, cache_v, start):
+        """The cached step as a pure function (exported programs): start is an int64 tensor [1]; the cache
+        [B, H, S_max, Dh] is not modified, the updated one is returned: (out, new_k, new_v). The slots'
+        keys and values are placed with a one-hot matrix, which is exact."""
+        q, k, v = self._qkv(x)
+        s = paddle.shape(x)[1]
+        slots = paddle.arange(paddle.shape(cache_k)[2], dtype="int64")
+        place = (slots.unsqueeze(0) == (start + paddle.arange(s, dtype="int64")).unsqueeze(1)).astype(x.dtype)
+        keep = (1.0 - place.sum(0)).reshape([1, 1, -1, 1])
+        new_k = cache_k * keep + paddle.matmul(place, k, transpose_x=True)
+        new_v = cache_v * keep + paddle.matmul(place, v, transpose_x=True)
+        return self._out(self._scores(q, new_k, new_v, mask)), new_k, new_v
 
 
 class Block(nn.Layer):
@@ -156,6 +174,11 @@ class Block(nn.Layer):
     def _forward(self, x, mask, cache=None, start=0):
         x = x + self.attn(self.ln1(x), mask, cache, start)
         return x + self.mlp(self.ln2(x))
+
+    def step_functional(self, x, mask, cache_k, cache_v, start):
+        a, new_k, new_v = self.attn.step_functional(self.ln1(x), mask, cache_k, cache_v, start)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), new_k, new_v
 
     def forward(self, x, mask, cache=None, start=0):
         if self.recompute_block and self.training and cache is None:
@@ -181,7 +204,8 @@ class _Embeddings:
 
     def embed(self, ids, kind, pos):
         """ids [B, S] int64; kind, pos [S] int64 (numpy or tensor) -> [B, S, D]."""
-        kind, pos = paddle.to_tensor(kind), paddle.to_tensor(pos)
+        kind = paddle.to_tensor(kind) if isinstance(kind, np.ndarray) else kind
+        pos = paddle.to_tensor(pos) if isinstance(pos, np.ndarray) else pos
         is_img = ((kind == IMAGE_KINDS[0]) | (kind == IMAGE_KINDS[1])).unsqueeze(0).unsqueeze(-1)
         c = self.config
         tok = paddle.where(is_img, self.image_emb(ids.clip(0, c.num_codes)),

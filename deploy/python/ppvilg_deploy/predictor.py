@@ -1,0 +1,163 @@
+"""Text->image, image->text and VQA with Paddle Inference predictors over a folder from tools/export_model.py.
+
+    pipe = DeployPipeline("output/demo/export", device="cpu", threads=2)
+    images, codes = pipe.text_to_image(["左上角有一个小红色圆形"], num_candidates=4, seed=0)
+    pipe.caption(images_rgb)                 # -> list of dicts(text, ids, score, logprob)
+    pipe.answer(images_rgb, "这是什么颜色")
+
+Only paddle.inference, numpy, OpenCV and the tokenizer are used; the decoding algorithms are the ones the
+training package runs (ppvilg_deploy.decoding), so seeds and greedy decoding give the same results.
+"""
+import os
+
+import numpy as np
+import yaml
+
+from ppvilg_deploy.decoding import Decoding
+from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_image
+from ppvilg_deploy.tokenizer import TextTokenizer
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class Program:
+    """One exported program behind a paddle.inference predictor; call it with {input name: array}."""
+
+    def __init__(self, prefix, device="cpu", threads=2, mkldnn=False, memory_optim=False, precision="fp32",
+                 gpu_id=0):
+        from paddle import inference
+        files = (prefix + ".json", prefix + ".pdiparams")
+        for f in files:
+            if not os.path.isfile(f):
+                raise ExportError(f"{f}: missing (not a folder written by tools/export_model.py?)")
+        config = inference.Config(*files)
+        if device == "gpu":
+            kinds = {"fp32": inference.PrecisionType.Float32, "fp16": inference.PrecisionType.Half,
+                     "bf16": inference.PrecisionType.Bfloat16}
+            if precision not in kinds:
+                raise ValueError(f"precision must be one of {', '.join(kinds)}, got {precision!r}")
+            config.enable_use_gpu(256, gpu_id, kinds[precision])
+        elif device == "cpu":
+            if precision != "fp32":
+                raise ValueError("on CPU the exported programs run in fp32 (paddle's CPU build has no "
+                                 "half-precision matmul)")
+            config.disable_gpu()
+            config.set_cpu_math_library_num_threads(threads)
+            # oneDNN is off by default: it failed on the prefill step from an empty KV cache (PADDLE_NOTES)
+            if mkldnn:
+                config.enable_mkldnn()
+            else:
+                config.disable_mkldnn()
+        else:
+            raise ValueError(f"device must be cpu or gpu, got {device!r}")
+        if memory_optim:  # off by default: with paddle 3.3.1 (CPU) predictor creation fails with it on PIR programs
+            config.enable_memory_optim()
+        config.disable_glog_info()
+        self.predictor = inference.create_predictor(config)
+        self.inputs = self.predictor.get_input_names()
+        self.outputs = self.predictor.get_output_names()
+
+    def __call__(self, **arrays):
+        missing = sorted(set(self.inputs) - set(arrays))
+        if missing:
+            raise ValueError(f"missing inputs {missing}")
+        for name in self.inputs:
+            h = self.predictor.get_input_handle(name)
+            a = np.ascontiguousarray(arrays[name])
+            h.reshape(list(a.shape))
+            h.copy_from_cpu(a)
+        self.predictor.run()
+        return [self.predictor.get_output_handle(n).copy_to_cpu() for n in self.outputs]
+
+
+class PredictorDecoder:
+    """One direction's sequence decoded with a step program and an explicit KV cache (see ppvilg/export.py)."""
+
+    def __init__(self, pipe, direction, ids, valid):
+        info = pipe.info["layouts"][direction]
+        kinds, lengths = info["kinds"], info["lengths"]
+        self.kind = np.concatenate([np.full(n, k, np.int64) for k, n in zip(kinds, lengths)])
+        self.pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+        self.t0 = sum(lengths[:-1])
+        self.program = pipe.step_image if direction == "t2i" else pipe.step_text
+        self.static = pipe.masks[direction]                              # [P, S, S]
+        self.ids = ids.copy()
+        self.pad = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]   # [B, 1, 1, S]
+        m = pipe.info["model"]
+        shape = [m["num_layers"], ids.shape[0], m["num_heads"], ids.shape[1], m["head_dim"]]
+        self.cache_k, self.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def logits_at(self, slot):
+        start = 0 if slot == self.t0 else slot   # the prefill runs the source and the first target slot
+        sl = slice(start, slot + 1)
+        masks = self.static[:, None, None, sl, :] + self.pad[None]     # [P, B, 1, s, S]
+        logits, self.cache_k, self.cache_v = self.program(
+            ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
+            cache_k=self.cache_k, cache_v=self.cache_v, start=np.array([start], np.int64))
+        return logits
+
+    def reorder(self, rows):
+        self.ids, self.pad = self.ids[rows], self.pad[rows]
+        self.cache_k, self.cache_v = self.cache_k[:, rows], self.cache_v[:, rows]
+
+
+class DeployPipeline(Decoding):
+    def __init__(self, folder, device="cpu", threads=2, mkldnn=False, memory_optim=False, precision="fp32",
+                 gpu_id=0):
+        path = os.path.join(folder, "inference.yml")
+        if not os.path.isfile(path):
+            raise ExportError(f"{folder}: no inference.yml (export a checkpoint with tools/export_model.py)")
+        with open(path, encoding="utf-8") as f:
+            self.info = yaml.safe_load(f)
+        if self.info.get("format") != "ppvilg-inference/1":
+            raise ExportError(f"{path}: unknown format {self.info.get('format')!r}")
+        m = self.info["model"]
+        self.text_len, self.grid, self.boi_id = m["text_len"], m["grid"], m["boi_id"]
+        self.image_size = self.info["image"]["size"]
+        self.sampler = self.info.get("sampler", {})
+        self.tok = TextTokenizer(os.path.join(folder, self.info["tokenizer"]["vocab_file"]))
+        with np.load(os.path.join(folder, "masks.npz")) as z:
+            self.masks = {k: z[k] for k in z.files}
+        opts = dict(device=device, threads=threads, mkldnn=mkldnn, memory_optim=memory_optim, precision=precision,
+                    gpu_id=gpu_id)
+        progs = self.info["programs"]
+        self.vq_encoder = Program(os.path.join(folder, progs["vq_encoder"]), **opts)
+        self.vq_decoder = Program(os.path.join(folder, progs["vq_decoder"]), **opts)
+        self.step_image = Program(os.path.join(folder, progs["step_image"]), **opts)
+        self.step_text = Program(os.path.join(folder, progs["step_text"]), **opts)
+
+    def make_decoder(self, direction, ids, valid):
+        return PredictorDecoder(self, direction, ids, valid)
+
+    # ---- images <-> codes -------------------------------------------------------------------------------
+    def encode(self, images):
+        """RGB uint8 images (any size: resized + center-cropped) -> codes [B, grid, grid]."""
+        x = np.stack([to_tensor_array(resize_center_crop(im, self.image_size)) for im in images])
+        return self.vq_encoder(image=x)[0].astype(np.int64)
+
+    def decode(self, codes):
+        """codes [..., grid, grid] -> RGB uint8 images [..., S, S, 3]."""
+        codes = np.asarray(codes, np.int64)
+        flat = codes.reshape([-1, self.grid, self.grid])
+        out = np.stack([to_uint8_image(a) for a in self.vq_decoder(codes=flat)[0]])
+        return out.reshape(codes.shape[:-2] + out.shape[1:])
+
+    # ---- the three tasks --------------------------------------------------------------------------------
+    def text_to_image(self, texts, num_candidates=None, temperature=None, top_k=None, top_p=None, cfg_scale=None,
+                      seed=None, truncate=False):
+        """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid]); unset sampler
+        options take the exported defaults (inference.yml)."""
+        s = self.sampler
+        pick = (lambda v, k, d: v if v is not None else s.get(k, d))
+        codes = self.sample_codes(texts, pick(num_candidates, "candidates", 1), pick(temperature, "temperature", 1.0),
+                                  pick(top_k, "top_k", 0), pick(top_p, "top_p", 1.0), pick(cfg_scale, "cfg_scale", 1.0),
+                                  pick(seed, "seed", 0), truncate)
+        return self.decode(codes), codes
+
+    def caption(self, images, **options):
+        return self.decode_text(self.encode(images), **options)
+
+    def answer(self, images, question, **options):
+        return self.decode_text(self.encode(images), question=question, **options)

@@ -1,0 +1,139 @@
+"""Export a stage-2 checkpoint (and its stage-1 tokenizer) as static-graph programs for Paddle Inference.
+
+The folder holds everything deploy/python needs and nothing else:
+
+    vq_encoder/model.json|.pdiparams   image [B, 3, H, W] in [-1, 1] -> codes [B, h, w] int64
+    vq_decoder/...                     codes [B, h, w] -> image [B, 3, H, W] in [-1, 1]
+    step_image/...                     one cached step of the transformer, image head (text->image)
+    step_text/...                      the same step, text head (image->text, VQA)
+    masks.npz                          additive attention masks [patterns, S, S] per direction (no padding)
+    vocab.txt                          the text vocabulary
+    inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
+
+A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks [P, B, 1, s, S] (this step's
+rows of each mask pattern, key padding added), the KV cache k, v [L, B, H, S, Dh] and start [1] (the first slot
+of this step), and returns the logits of its last slot and the updated cache. The prefill runs the source
+and the first target slot as one step from an empty cache; every later token is a step of one slot. The same
+ViLG code runs (Block.step_functional); only the cache write is a pure function instead of in-place.
+"""
+import os
+import shutil
+
+import numpy as np
+import paddle
+import yaml
+
+from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, base_mask, image_to_text, layer_pattern, pattern_mask, \
+    text_to_image, vqa
+from ppvilg.utils.io import AtomicDir, atomic_write_text
+
+
+class StepProgram(paddle.nn.Layer):
+    def __init__(self, model, target_kind):
+        super().__init__()
+        self.m, self.target_kind = model, target_kind
+        c = model.config
+        patterns = pattern_names(c)
+        self.pattern_index = [patterns.index(layer_pattern(i, c.num_layers, c.attention))
+                              for i in range(c.num_layers)]
+
+    def forward(self, ids, kind, pos, masks, cache_k, cache_v, start):
+        x = self.m.embed(ids, kind, pos)
+        ks, vs = [], []
+        for i, block in enumerate(self.m.blocks):
+            x, k, v = block.step_functional(x, masks[self.pattern_index[i]], cache_k[i], cache_v[i], start)
+            ks.append(k)
+            vs.append(v)
+        logits = self.m.head(x[:, -1:], self.target_kind)[:, 0]
+        return logits.astype("float32"), paddle.stack(ks), paddle.stack(vs)
+
+
+class _Encode(paddle.nn.Layer):
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, x):
+        return self.vq.encode(x)
+
+
+class _Decode(paddle.nn.Layer):
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, codes):
+        return self.vq.decode_codes(codes)
+
+
+def pattern_names(c):
+    names = []
+    for i in range(c.num_layers):
+        p = layer_pattern(i, c.num_layers, c.attention)
+        if p not in names:
+            names.append(p)
+    return names
+
+
+def direction_layouts(c):
+    return {"t2i": text_to_image(c.max_text_len, c.grid), "i2t": image_to_text(c.max_text_len, c.grid),
+            "vqa": vqa(c.max_text_len, c.max_text_len, c.grid)}
+
+
+def static_masks(c):
+    """{direction: additive float32 [P, S, S]} of the UniLM mask and each sparse pattern, before key padding."""
+    out = {}
+    for name, lay in direction_layouts(c).items():
+        base = base_mask(lay, np.ones([1, lay.length], bool))[0]
+        out[name] = np.stack([np.where(base & pattern_mask(lay, c.grid, p), 0.0, -1e9).astype(np.float32)
+                              for p in pattern_names(c)])
+    return out
+
+
+def _save(layer, specs, path):
+    layer.eval()
+    static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
+    paddle.jit.save(static, path)
+
+
+def export(pipeline, cfg, out):
+    """Write the export folder for a loaded ppvilg.pipeline.ViLGPipeline and its checkpoint config."""
+    model, vq, tok = pipeline.model, pipeline.vq, pipeline.tok
+    c = model.config
+    heads, head_dim = model.blocks[0].attn.heads, c.hidden_size // c.num_heads
+    size = pipeline.image_size
+    spec = paddle.static.InputSpec
+    step_specs = [spec([None, None], "int64", "ids"), spec([None], "int64", "kind"), spec([None], "int64", "pos"),
+                  spec([len(pattern_names(c)), None, 1, None, None], "float32", "masks"),
+                  spec([c.num_layers, None, heads, None, head_dim], "float32", "cache_k"),
+                  spec([c.num_layers, None, heads, None, head_dim], "float32", "cache_v"),
+                  spec([1], "int64", "start")]
+    with AtomicDir(out) as tmp:
+        _save(_Encode(vq), [spec([None, 3, size, size], "float32", "image")], os.path.join(tmp, "vq_encoder", "model"))
+        _save(_Decode(vq), [spec([None, c.grid, c.grid], "int64", "codes")], os.path.join(tmp, "vq_decoder", "model"))
+        _save(StepProgram(model, IMAGE_TGT), step_specs, os.path.join(tmp, "step_image", "model"))
+        _save(StepProgram(model, TEXT_TGT), step_specs, os.path.join(tmp, "step_text", "model"))
+        np.savez(os.path.join(tmp, "masks.npz"), **static_masks(c))
+        shutil.copy(tok.vocab_file, os.path.join(tmp, "vocab.txt"))
+        ev = cfg.Eval
+        lays = direction_layouts(c)
+        info = {
+            "format": "ppvilg-inference/1",
+            "model": {"text_len": c.max_text_len, "grid": c.grid, "num_codes": c.num_codes,
+                      "text_vocab_size": c.text_vocab_size, "num_layers": c.num_layers, "num_heads": heads,
+                      "head_dim": head_dim, "boi_id": model.boi_id,
+                      "layer_pattern": [pattern_names(c).index(layer_pattern(i, c.num_layers, c.attention))
+                                        for i in range(c.num_layers)]},
+            "layouts": {k: {"kinds": list(map(int, v.kinds)), "lengths": list(map(int, v.lengths))}
+                        for k, v in lays.items()},
+            "tokenizer": {"vocab_file": "vocab.txt", "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+                          "eos_id": tok.eos_id, "vocab_size": tok.vocab_size},
+            "image": {"size": size, "preprocess": "resize short side (area / cubic) + center crop, RGB, x/127.5-1"},
+            "sampler": {k: ev[k] for k in ("candidates", "temperature", "top_k", "top_p", "cfg_scale", "seed",
+                                           "caption_method", "beam_size") if k in ev},
+            "programs": {k: f"{k}/model" for k in ("vq_encoder", "vq_decoder", "step_image", "step_text")},
+            "source": {"checkpoint": os.path.abspath(pipeline.folder or ""), "paddle_version": paddle.__version__},
+        }
+        atomic_write_text(os.path.join(tmp, "inference.yml"),
+                          yaml.safe_dump(info, allow_unicode=True, sort_keys=False))
+    return out
