@@ -11,8 +11,9 @@ The folder holds everything deploy/python needs and nothing else:
     inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
 
 A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks [P, B, 1, s, S] (this step's
-rows of each mask pattern, key padding added), the KV cache k, v [L, B, H, S, Dh] and start [1] (the first slot
-of this step), and returns the logits of its last slot and the updated cache. The prefill runs the source
+rows of each mask pattern, key padding added), start [1] (the first slot of this step) and the KV cache as
+cache_k_0, cache_v_0, ... [B, H, S, Dh] per layer, and returns the logits of its last slot and the updated
+cache (same order). The prefill runs the source
 and the first target slot as one step from an empty cache; every later token is a step of one slot. The same
 ViLG code runs (Block.step_functional); only the cache write is a pure function instead of in-place.
 """
@@ -37,15 +38,15 @@ class StepProgram(paddle.nn.Layer):
         self.pattern_index = [patterns.index(layer_pattern(i, c.num_layers, c.attention))
                               for i in range(c.num_layers)]
 
-    def forward(self, ids, kind, pos, masks, cache_k, cache_v, start):
+    def forward(self, ids, kind, pos, masks, start, cache):
+        """cache: [k_0, v_0, k_1, v_1, ...] (one pair per layer: no stacking or slicing copies per step)."""
         x = self.m.embed(ids, kind, pos)
-        ks, vs = [], []
+        new = []
         for i, block in enumerate(self.m.blocks):
-            x, k, v = block.step_functional(x, masks[self.pattern_index[i]], cache_k[i], cache_v[i], start)
-            ks.append(k)
-            vs.append(v)
+            x, k, v = block.step_functional(x, masks[self.pattern_index[i]], cache[2 * i], cache[2 * i + 1], start)
+            new += [k, v]
         logits = self.m.head(x[:, -1:], self.target_kind)[:, 0]
-        return logits.astype("float32"), paddle.stack(ks), paddle.stack(vs)
+        return [logits if logits.dtype == paddle.float32 else logits.astype("float32")] + new
 
 
 class _Encode(paddle.nn.Layer):
@@ -105,9 +106,9 @@ def export(pipeline, cfg, out):
     spec = paddle.static.InputSpec
     step_specs = [spec([None, None], "int64", "ids"), spec([None], "int64", "kind"), spec([None], "int64", "pos"),
                   spec([len(pattern_names(c)), None, 1, None, None], "float32", "masks"),
-                  spec([c.num_layers, None, heads, None, head_dim], "float32", "cache_k"),
-                  spec([c.num_layers, None, heads, None, head_dim], "float32", "cache_v"),
                   spec([1], "int64", "start")]
+    step_specs.append([spec([None, heads, None, head_dim], "float32", f"cache_{kv}_{i}")
+                       for i in range(c.num_layers) for kv in ("k", "v")])
     with AtomicDir(out) as tmp:
         _save(_Encode(vq), [spec([None, 3, size, size], "float32", "image")], os.path.join(tmp, "vq_encoder", "model"))
         _save(_Decode(vq), [spec([None, c.grid, c.grid], "int64", "codes")], os.path.join(tmp, "vq_decoder", "model"))

@@ -42,7 +42,8 @@ def parse(argv):
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--gpu-id", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="GPU only: fp16 / bf16")
-    p.add_argument("--threads", type=int, default=2, help="CPU math threads")
+    p.add_argument("--threads", type=int, default=1, help="CPU math threads (1 was fastest for the demo-size "
+                   "model; raise it for larger ones)")
     p.add_argument("--mkldnn", action="store_true", help="CPU: enable oneDNN (off by default, see README)")
     p.add_argument("--memory-optim", action="store_true", help="reuse buffers (paddle 3.3.1 on CPU rejects it for "
                    "these programs; try it on GPU)")

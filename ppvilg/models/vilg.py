@@ -118,7 +118,10 @@ class Attention(nn.Layer):
 
     def _scores(self, q, k, v, mask):
         att = paddle.matmul(q, k, transpose_y=True) / math.sqrt(self.head_dim) + mask
-        att = F.softmax(att.astype("float32"), axis=-1).astype(q.dtype)
+        if att.dtype == paddle.float32:  # (no casts in float32: they are ops of their own in exported programs)
+            att = F.softmax(att, axis=-1)
+        else:   # half precision: the softmax in float32
+            att = F.softmax(att.astype("float32"), axis=-1).astype(q.dtype)
         att = F.dropout(att, self.dropout, training=self.training)
         return paddle.matmul(att, v)
 
@@ -149,15 +152,12 @@ class Attention(nn.Layer):
 
     def step_functional(self, x, mask, cache_k, cache_v, start):
         """The cached step as a pure function (exported programs): start is an int64 tensor [1]; the cache
-        [B, H, S_max, Dh] is not modified, the updated one is returned: (out, new_k, new_v). The slots'
-        keys and values are placed with a one-hot matrix, which is exact."""
+        [B, H, S_max, Dh] is not modified, the updated one is returned: (out, new_k, new_v); the slots'
+        keys and values are written with put_along_axis (only those slots, exact)."""
         q, k, v = self._qkv(x)
-        s = paddle.shape(x)[1]
-        slots = paddle.arange(paddle.shape(cache_k)[2], dtype="int64")
-        place = (slots.unsqueeze(0) == (start + paddle.arange(s, dtype="int64")).unsqueeze(1)).astype(x.dtype)
-        keep = (1.0 - place.sum(0)).reshape([1, 1, -1, 1])
-        new_k = cache_k * keep + paddle.matmul(place, k, transpose_x=True)
-        new_v = cache_v * keep + paddle.matmul(place, v, transpose_x=True)
+        index = paddle.expand_as((start + paddle.arange(paddle.shape(x)[1], dtype="int64")).reshape([1, 1, -1, 1]), k)
+        new_k = paddle.put_along_axis(cache_k, index, k, axis=2, reduce="assign")
+        new_v = paddle.put_along_axis(cache_v, index, v, axis=2, reduce="assign")
         return self._out(self._scores(q, new_k, new_v, mask)), new_k, new_v
 
 

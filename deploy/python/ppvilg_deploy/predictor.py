@@ -1,11 +1,11 @@
 """Text->image, image->text and VQA with Paddle Inference predictors over a folder from tools/export_model.py.
 
-    pipe = DeployPipeline("output/demo/export", device="cpu", threads=2)
+    pipe = DeployPipeline("output/demo/export", device="cpu", threads=1)
     images, codes = pipe.text_to_image(["左上角有一个小红色圆形"], num_candidates=4, seed=0)
     pipe.caption(images_rgb)                 # -> list of dicts(text, ids, score, logprob)
     pipe.answer(images_rgb, "这是什么颜色")
 
-Only paddle.inference, numpy, OpenCV and the tokenizer are used; the decoding algorithms are the ones the
+Only paddle (its inference predictors and tensors), numpy, OpenCV and the tokenizer are used; the decoding algorithms are the ones the
 training package runs (ppvilg_deploy.decoding), so seeds and greedy decoding give the same results.
 """
 import os
@@ -25,7 +25,7 @@ class ExportError(RuntimeError):
 class Program:
     """One exported program behind a paddle.inference predictor; call it with {input name: array}."""
 
-    def __init__(self, prefix, device="cpu", threads=2, mkldnn=False, memory_optim=False, precision="fp32",
+    def __init__(self, prefix, device="cpu", threads=1, mkldnn=False, memory_optim=False, precision="fp32",
                  gpu_id=0):
         from paddle import inference
         files = (prefix + ".json", prefix + ".pdiparams")
@@ -45,8 +45,7 @@ class Program:
                                  "half-precision matmul)")
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(threads)
-            # oneDNN is off by default: it failed on the prefill step from an empty KV cache (PADDLE_NOTES)
-            if mkldnn:
+            if mkldnn:  # off by default: same results, but slower per step on the demo-size model
                 config.enable_mkldnn()
             else:
                 config.disable_mkldnn()
@@ -59,17 +58,15 @@ class Program:
         self.inputs = self.predictor.get_input_names()
         self.outputs = self.predictor.get_output_names()
 
-    def __call__(self, **arrays):
-        missing = sorted(set(self.inputs) - set(arrays))
+    def __call__(self, **inputs):
+        """inputs: {name: numpy array or paddle Tensor} -> the outputs as paddle Tensors (no copy: a decode
+        step hands its KV cache outputs to the next step as they are)."""
+        import paddle
+        missing = sorted(set(self.inputs) - set(inputs))
         if missing:
             raise ValueError(f"missing inputs {missing}")
-        for name in self.inputs:
-            h = self.predictor.get_input_handle(name)
-            a = np.ascontiguousarray(arrays[name])
-            h.reshape(list(a.shape))
-            h.copy_from_cpu(a)
-        self.predictor.run()
-        return [self.predictor.get_output_handle(n).copy_to_cpu() for n in self.outputs]
+        return self.predictor.run([v if isinstance(v, paddle.Tensor) else paddle.to_tensor(np.ascontiguousarray(v))
+                                   for v in (inputs[n] for n in self.inputs)])
 
 
 class PredictorDecoder:
@@ -86,25 +83,28 @@ class PredictorDecoder:
         self.ids = ids.copy()
         self.pad = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]   # [B, 1, 1, S]
         m = pipe.info["model"]
-        shape = [m["num_layers"], ids.shape[0], m["num_heads"], ids.shape[1], m["head_dim"]]
-        self.cache_k, self.cache_v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        shape = [ids.shape[0], m["num_heads"], ids.shape[1], m["head_dim"]]
+        self.names = [f"cache_{kv}_{i}" for i in range(m["num_layers"]) for kv in ("k", "v")]
+        self.cache = [np.zeros(shape, np.float32) for _ in self.names]
 
     def logits_at(self, slot):
         start = 0 if slot == self.t0 else slot   # the prefill runs the source and the first target slot
         sl = slice(start, slot + 1)
         masks = self.static[:, None, None, sl, :] + self.pad[None]     # [P, B, 1, s, S]
-        logits, self.cache_k, self.cache_v = self.program(
+        logits, *self.cache = self.program(
             ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
-            cache_k=self.cache_k, cache_v=self.cache_v, start=np.array([start], np.int64))
-        return logits
+            start=np.array([start], np.int64), **dict(zip(self.names, self.cache)))
+        return logits.numpy()
 
     def reorder(self, rows):
+        import paddle
         self.ids, self.pad = self.ids[rows], self.pad[rows]
-        self.cache_k, self.cache_v = self.cache_k[:, rows], self.cache_v[:, rows]
+        index = paddle.to_tensor(np.asarray(rows, np.int64))
+        self.cache = [paddle.gather(c, index) for c in self.cache]
 
 
 class DeployPipeline(Decoding):
-    def __init__(self, folder, device="cpu", threads=2, mkldnn=False, memory_optim=False, precision="fp32",
+    def __init__(self, folder, device="cpu", threads=1, mkldnn=False, memory_optim=False, precision="fp32",
                  gpu_id=0):
         path = os.path.join(folder, "inference.yml")
         if not os.path.isfile(path):
@@ -135,13 +135,13 @@ class DeployPipeline(Decoding):
     def encode(self, images):
         """RGB uint8 images (any size: resized + center-cropped) -> codes [B, grid, grid]."""
         x = np.stack([to_tensor_array(resize_center_crop(im, self.image_size)) for im in images])
-        return self.vq_encoder(image=x)[0].astype(np.int64)
+        return self.vq_encoder(image=x)[0].numpy().astype(np.int64)
 
     def decode(self, codes):
         """codes [..., grid, grid] -> RGB uint8 images [..., S, S, 3]."""
         codes = np.asarray(codes, np.int64)
         flat = codes.reshape([-1, self.grid, self.grid])
-        out = np.stack([to_uint8_image(a) for a in self.vq_decoder(codes=flat)[0]])
+        out = np.stack([to_uint8_image(a) for a in self.vq_decoder(codes=flat)[0].numpy()])
         return out.reshape(codes.shape[:-2] + out.shape[1:])
 
     # ---- the three tasks --------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""Exported Paddle Inference predictor vs the dynamic graph, same run: per-token decode latency and
+text->image images per second.
+
+  python benchmarks/bench_deploy.py [--threads 1 2] [--batch 1 8] [--grid 8 16]
+
+Random weights (speed does not depend on training): the demo transformer (shapes preset) and the demo VQ
+tokenizer, exported to a temporary folder for each image grid (8x8: the demo; 16x16: 256 image tokens).
+For each thread count (the same for both backends), grid and batch: the mean latency of a one-token cached decode step (after the prefill, over a whole
+image's steps) in the dynamic graph (ppvilg.generation) and in the predictor (deploy/python), and images per
+second for whole text->image generations (top-k sampling, decoding codes to pixels included). The last line is
+one JSON object with the figures and the predictor / dynamic-graph speed-ups.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "deploy", "python")]
+
+from ppvilg.utils.runtime import setup_device  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ppvilg.config import load_config  # noqa: E402
+from ppvilg.engine.tasks import build_task  # noqa: E402
+from ppvilg.export import export  # noqa: E402
+from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
+from ppvilg.pipeline import ViLGPipeline  # noqa: E402
+from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
+from ppvilg_deploy.predictor import DeployPipeline  # noqa: E402
+
+PROMPT = "左上角有一个小红色圆形"
+
+
+def step_latency(backend, batch, grid):
+    """Mean seconds of a one-token decode step over a whole image (the prefill is not counted)."""
+    src, valid_s = backend.text_source([PROMPT] * batch)
+    n = grid * grid
+    ids = np.concatenate([src, np.full([batch, 1], backend.boi_id), np.ones([batch, n - 1], np.int64)], 1)
+    valid = np.concatenate([valid_s, np.ones([batch, n], bool)], 1)
+    dec = backend.make_decoder("t2i", ids, valid)
+    dec.logits_at(dec.t0)
+    t = time.perf_counter()
+    for k in range(1, n):
+        dec.logits_at(dec.t0 + k)
+    return (time.perf_counter() - t) / (n - 1)
+
+
+def images_per_second(generate, batch):
+    t = time.perf_counter()
+    generate(batch)
+    return batch / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--grid", type=int, nargs="+", default=[8, 16])
+    a = p.parse_args()
+    results = {}
+    vq_cfg = load_config(os.path.join(ROOT, "configs/demo/vqgan_shapes.yaml"))
+    cfg = load_config(os.path.join(ROOT, "configs/demo/vilg_shapes.yaml"))  # its Eval section: sampler defaults
+    setup_device("cpu", a.threads[0])
+    vq = build_task(vq_cfg).model
+    vq.eval()
+    for grid in a.grid:
+        model = ViLG(ViLGConfig(**dict(ViLGConfig.PRESETS["shapes"], grid=grid)))
+        model.eval()
+        vq_cfg_g = load_config(os.path.join(ROOT, "configs/demo/vqgan_shapes.yaml"),
+                               [f"Data.image_size={grid * vq.config.downsample}",
+                                f"Model.resolution={grid * vq.config.downsample}"])
+        pipe = ViLGPipeline(model, TextTokenizer(), vq, vq_cfg_g)
+        with tempfile.TemporaryDirectory() as tmp:
+            export(pipe, cfg, tmp)
+            for threads in a.threads:
+                setup_device("cpu", threads)
+                dep = DeployPipeline(tmp, threads=threads)
+                for b in a.batch:
+                    dyn_step, pred_step = step_latency(pipe.gen, b, grid), step_latency(dep, b, grid)
+                    dyn_ips = images_per_second(lambda n: pipe.decode(pipe.gen.text_to_image([PROMPT] * n, top_k=8)), b)
+                    pred_ips = images_per_second(lambda n: dep.text_to_image([PROMPT] * n, top_k=8), b)
+                    key = f"{grid}x{grid}_b{b}_t{threads}"
+                    results[key] = {"dygraph_ms_per_token_step": dyn_step * 1e3,
+                                    "predictor_ms_per_token_step": pred_step * 1e3,
+                                    "step_speedup": dyn_step / pred_step, "dygraph_images_per_s": dyn_ips,
+                                    "predictor_images_per_s": pred_ips, "images_per_s_speedup": pred_ips / dyn_ips}
+                    r = results[key]
+                    print(f"grid {grid}x{grid} batch {b} threads {threads}: decode step "
+                          f"{r['dygraph_ms_per_token_step']:.2f} ms (dygraph) vs {r['predictor_ms_per_token_step']:.2f} ms "
+                          f"(predictor), x{r['step_speedup']:.2f}; {dyn_ips:.2f} vs {pred_ips:.2f} images/s, "
+                          f"x{r['images_per_s_speedup']:.2f}", flush=True)
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()
