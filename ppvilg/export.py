@@ -133,6 +133,10 @@ def export(pipeline, cfg, out):
             "sampler": {k: ev[k] for k in ("candidates", "temperature", "top_k", "top_p", "cfg_scale", "seed",
                                            "caption_method", "beam_size") if k in ev},
             "programs": {k: f"{k}/model" for k in ("vq_encoder", "vq_decoder", "step_image", "step_text")},
+            # an end-to-end checkpoint's reconstructor needs the generator's hidden states of the whole
+            # sequence, which the step programs do not return: deployment decodes codes with the VQ decoder
+            "reconstructor": "vq_decoder",
+            "checkpoint_reconstructor": pipeline.reconstructor,
             "source": {"checkpoint": os.path.abspath(pipeline.folder or ""), "paddle_version": paddle.__version__},
         }
         atomic_write_text(os.path.join(tmp, "inference.yml"),

@@ -68,7 +68,7 @@ def main(argv=None):
             big = [cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for im in images[0]]
             grid = os.path.abspath(os.path.join(a.out, "grid.png"))
             write_png(grid, make_grid(big, min(4, len(big))))
-            result = {"text": a.text, "images": paths, "grid": grid,
+            result = {"text": a.text, "images": paths, "grid": grid, "reconstructor": pipe.reconstructor,
                       "scores": None if scores is None else [float(s) for s in scores[0]]}
         else:
             images = pipe.load_images([a.image])

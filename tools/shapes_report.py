@@ -43,7 +43,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--cfg-scale", type=float, default=2.0,
                    help="classifier-free guidance (the demo trains with Loss.cond_dropout 0.1); measured on the "
-                        "demo: 1 -> 82.8%%, 2 -> 86.7%%, 3 -> 80.5%% text->image attribute accuracy")
+                        "demo: 1 -> 80.5%%, 2 -> 84.0%% text->image attribute accuracy")
     p.add_argument("--beam", type=int, default=3, help="beam size for captions (1: greedy)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -1,5 +1,9 @@
 """Stage 2 task: the unified transformer trained on both directions of every pair,
-L = t2i_weight * L_text->image + i2t_weight * L_image->text (the paper: 1 : 1).
+L = t2i_weight * L_text->image + i2t_weight * L_image->text (the paper: 1 : 1), and, with Loss.end_to_end, the
+paper's end-to-end training (§3.1.3): + recon_weight * L_reconstruction, where the generator's hidden states
+at the image positions go through ppvilg.models.reconstructor.E2EReconstructor (initialised from the stage-1
+decoder) to pixels, compared with the real image (recon_weight 1: generation and reconstruction weighted
+equally), so the reconstruction loss trains the transformer too.
 
 Inputs are VQ code shards (Data.<split>.source: shards, written by tools/tokenize_images.py) or images encoded
 on the fly by the frozen stage-1 tokenizer named in Tokenizer.checkpoint. Optional condition dropout replaces
@@ -16,6 +20,7 @@ from ppvilg.engine.task import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
 from ppvilg.models.layout import image_to_text, text_to_image
 from ppvilg.distributed.env import current as current_parallel
+from ppvilg.models.reconstructor import E2EReconstructor
 from ppvilg.models.vilg import ViLG, build_pipeline, pipeline_name_map
 from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
@@ -97,7 +102,10 @@ class ViLGTask(Task):
     config_sections = {
         "Text": {"vocab_file": None},            # None: ppvilg/text/assets/vocab.txt
         "Tokenizer": {"checkpoint": None},       # stage-1 checkpoint: encodes images on the fly, decodes codes
-        "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0},
+        "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0,
+                 "end_to_end": False,    # train the E2E reconstructor and, through it, the generator
+                 "recon_weight": 1.0,    # weight of the pixel reconstruction loss (the paper: equal weights)
+                 "recon": "l2"},         # l2 | l1
         "Eval": dict(batch_size=64, **EVAL_DEFAULTS),
     }
 
@@ -133,6 +141,18 @@ class ViLGTask(Task):
             raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
         if not 0.0 <= cfg.Loss.cond_dropout < 1.0:
             raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
+        if cfg.Loss.recon not in ("l1", "l2"):
+            raise ConfigError(f"{origin}: Loss.recon must be l1 or l2, got {cfg.Loss.recon!r}")
+        if cfg.Loss.end_to_end:
+            if not cfg.Tokenizer.checkpoint:
+                raise ConfigError(f"{origin}: Loss.end_to_end needs Tokenizer.checkpoint (the stage-1 model whose "
+                                  "decoder initialises the reconstructor)")
+            if cfg.Data.train.source == "shards":
+                raise ConfigError(f"{origin}: Loss.end_to_end compares reconstructions with the real images; "
+                                  "Data.train.source 'shards' holds codes only (use the images: shapes, manifest, "
+                                  "coco ...)")
+            if d.pp_degree > 1:
+                raise ConfigError(f"{origin}: Loss.end_to_end is not supported with pipeline parallel")
         for split in ("train", "eval"):
             if cfg.Data[split].source != "shards" and not cfg.Tokenizer.checkpoint:
                 raise ConfigError(f"{origin}: Data.{split}.source '{cfg.Data[split].source}' gives images; "
@@ -152,6 +172,9 @@ class ViLGTask(Task):
         self.tokenizer = TextTokenizer(cfg.Text.vocab_file)
         self.batcher = PairBatcher(self.tokenizer, config)
         self._vq = None
+        self.reconstructor = None
+        if cfg.Loss.end_to_end:
+            self.reconstructor = E2EReconstructor.from_vq(config.hidden_size, self.vq)
 
     @property
     def vq(self):
@@ -166,7 +189,10 @@ class ViLGTask(Task):
         return self._vq
 
     def modules(self):
-        return {"model": self.model}
+        mods = {"model": self.model}
+        if self.reconstructor is not None:
+            mods["reconstructor"] = self.reconstructor
+        return mods
 
     def distribute(self, model):
         self.train_model = model
@@ -212,7 +238,10 @@ class ViLGTask(Task):
         self.train_model.get_all_parameters()
 
     def phases(self):
-        return {"model": (self.model.parameters(), {})}
+        params = list(self.model.parameters())
+        if self.reconstructor is not None:  # one optimizer: the generator and the reconstructor learn jointly
+            params += list(self.reconstructor.parameters())
+        return {"model": (params, {})}
 
     def codes_of(self, batch):
         if "codes" in batch:
@@ -228,25 +257,36 @@ class ViLGTask(Task):
         with paddle.no_grad():
             return self.vq.encode(paddle.to_tensor(batch["image"])).numpy()
 
-    def losses(self, codes, texts, drop=None):
-        """(text->image loss, image->text loss, their label arrays) for one batch."""
+    def losses(self, codes, texts, drop=None, images=None):
+        """(text->image loss, image->text loss, their label arrays, reconstruction loss or None) for one batch;
+        the reconstruction loss needs the real images [B, 3, H, W] and Loss.end_to_end."""
         b = self.batcher
         ids1, valid1, lab_img = b.text_to_image(codes, texts, drop)
         ids2, valid2, lab_txt = b.image_to_text(codes, texts)
         t = paddle.to_tensor
-        (_, l_t2i), (_, l_i2t) = self.train_model([t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t],
-                                                  [t(lab_img), t(lab_txt)])  # one call: see ViLG.forward
-        return l_t2i, l_i2t, lab_img, lab_txt
+        e2e = self.reconstructor is not None and images is not None
+        (_, l_t2i, *hid), (_, l_i2t, *_) = self.train_model(
+            [t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t], [t(lab_img), t(lab_txt)],
+            return_hidden=e2e)  # one call: see ViLG.forward
+        l_rec = None
+        if e2e:
+            x_hat = self.reconstructor(hid[0], self.model.config.grid)
+            diff = x_hat - (images if isinstance(images, paddle.Tensor) else paddle.to_tensor(images))
+            l_rec = (diff * diff).mean() if self.cfg.Loss.recon == "l2" else diff.abs().mean()
+        return l_t2i, l_i2t, lab_img, lab_txt, l_rec
 
     def phase_loss(self, phase, batch, step):
         codes = self.codes_of(batch)
         drop = None
         if self.cfg.Loss.cond_dropout > 0:
             drop = (paddle.rand([len(batch["text"])]) < self.cfg.Loss.cond_dropout).numpy()  # paddle RNG: resumable
-        l_t2i, l_i2t, _, _ = self.losses(codes, batch["text"], drop)
+        l_t2i, l_i2t, _, _, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"))
         loss = self.cfg.Loss.t2i_weight * l_t2i + self.cfg.Loss.i2t_weight * l_i2t
-        return loss, {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t),
-                      "truncated_texts": self.batcher.truncated}
+        logs = {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t), "truncated_texts": self.batcher.truncated}
+        if l_rec is not None:
+            loss = loss + self.cfg.Loss.recon_weight * l_rec
+            logs["recon_loss"] = float(l_rec)
+        return loss, logs
 
     @paddle.no_grad()
     def evaluate(self, dataset):
@@ -258,7 +298,10 @@ class ViLGTask(Task):
             if "codes" not in batch and "image" not in batch:
                 continue
             codes = self.codes_of(batch)
-            l_t2i, l_i2t, lab_img, lab_txt = self.losses(codes, batch["text"])
+            l_t2i, l_i2t, lab_img, lab_txt, l_rec = self.losses(codes, batch["text"], images=batch.get("image"))
+            if l_rec is not None:
+                sums["recon"] = sums.get("recon", 0.0) + float(l_rec) * len(codes)
+                counts["recon"] = counts.get("recon", 0) + len(codes)
             n_img, n_txt = lab_img.size, int((lab_txt >= 0).sum())
             sums["t2i"] += float(l_t2i) * n_img
             sums["i2t"] += float(l_i2t) * n_txt
@@ -270,6 +313,9 @@ class ViLGTask(Task):
         if not counts["t2i"]:
             raise RuntimeError("evaluation found no data")
         c = self.model.config
-        return {"t2i_loss": sums["t2i"] / counts["t2i"], "i2t_loss": sums["i2t"] / counts["i2t"],
-                "t2i_unigram": unigram_entropy(np.concatenate(t2i_targets), c.num_codes),
-                "i2t_unigram": unigram_entropy(np.concatenate(i2t_targets), c.text_vocab_size)}, {}
+        out = {"t2i_loss": sums["t2i"] / counts["t2i"], "i2t_loss": sums["i2t"] / counts["i2t"],
+               "t2i_unigram": unigram_entropy(np.concatenate(t2i_targets), c.num_codes),
+               "i2t_unigram": unigram_entropy(np.concatenate(i2t_targets), c.text_vocab_size)}
+        if counts.get("recon"):
+            out["recon_loss"] = sums["recon"] / counts["recon"]
+        return out, {}

@@ -3,13 +3,13 @@ positions are mapped non-linearly into the codebook-embedding space and decoded 
 lookup, so the reconstruction loss trains the generator too.
 
 Choices the paper leaves open, made here:
-- mapping: LayerNorm'd hidden state (what the image head sees) -> Linear(d, 2d) -> GELU -> Linear(2d, embed_dim);
+- mapping: the final-LayerNorm'd hidden state (what the image head sees) -> Linear(d, 2d) -> GELU ->
+  Linear(2d, embed_dim), a two-layer MLP into the codebook-embedding space (freshly initialised);
 - grid cell k is fed by the hidden state of the target slot that *predicts* code k (slot k holds code k-1,
   [BOI] for k = 0), so no state needs a look-ahead;
 - the reconstructor has the VQ decoder's architecture (post-quantization 1x1 conv + decoder) and starts from
   the trained stage-1 weights.
 """
-import paddle
 import paddle.nn as nn
 
 from ppvilg.vq.model import Decoder
@@ -38,8 +38,3 @@ class E2EReconstructor(nn.Layer):
         z = self.mapping(hidden).reshape([b, grid, grid, -1]).transpose([0, 3, 1, 2])
         return self.decoder(self.post_quant_conv(z))
 
-
-def image_hidden(model, ids, valid, layout):
-    """Final-LN'd hidden states of the image target segment of a text->image sequence: [B, n, d]."""
-    h = model.hidden(paddle.to_tensor(ids) if not isinstance(ids, paddle.Tensor) else ids, valid, layout)
-    return model.ln_f(h[:, layout.target_slice()])

@@ -316,18 +316,20 @@ class ViLG(nn.Layer, _Embeddings, _Heads):
             x = block(x, m, kv, start)
         return x
 
-    def forward(self, ids, valid, layout, labels=None):
+    def forward(self, ids, valid, layout, labels=None, return_hidden=False):
         """ids [B, S] int64, valid [B, S] bool (numpy), layout: Layout.
-        Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None).
-        Lists of ids / valid / layouts / labels run several sequences (e.g. both directions of a batch) in one
-        call and return a list of such pairs: a data-parallel wrapper then sees one forward per backward."""
+        Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None), plus
+        the final-LN'd hidden states of the target segment [B, T, D] with return_hidden (the end-to-end
+        reconstructor's input). Lists of ids / valid / layouts / labels run several sequences (e.g. both
+        directions of a batch) in one call and return a list of such results: a data-parallel wrapper then sees
+        one forward per backward."""
         if isinstance(layout, (list, tuple)):
             labels = labels if labels is not None else [None] * len(layout)
-            return [self.forward(*args) for args in zip(ids, valid, layout, labels)]
-        x = self.hidden(ids, valid, layout)
-        logits = self.head(x[:, layout.target_slice()], layout.kinds[-1])
+            return [self.forward(*args, return_hidden=return_hidden) for args in zip(ids, valid, layout, labels)]
+        x = self.hidden(ids, valid, layout)[:, layout.target_slice()]
+        logits = self.head(x, layout.kinds[-1])
         loss = None if labels is None else self.loss(logits, labels, layout.kinds[-1])
-        return logits, loss
+        return (logits, loss, self.ln_f(x)) if return_hidden else (logits, loss)
 
 
 # ---- pipeline parallel: the same pieces as stages of a PipelineLayer ------------------------------------------
