@@ -74,5 +74,8 @@ def test_end_to_end_checkpoint_drives_inference(run_dirs, tmp_path):
 def test_end_to_end_needs_images(run_dirs, tmp_path):
     with pytest.raises(ConfigError, match="holds codes only"):
         load_config(TINY, [f"Tokenizer.checkpoint={run_dirs / 'vq'}", "Loss.end_to_end=true"])
+    with pytest.raises(ConfigError, match="trains in one process"):
+        load_config(TINY, [f"Tokenizer.checkpoint={run_dirs / 'vq'}", "Loss.end_to_end=true", "Data.train.source=shapes",
+                           "Distributed.world_size=2"])
     with pytest.raises(ConfigError, match="needs Tokenizer.checkpoint"):
         load_config(TINY, ["Loss.end_to_end=true", "Data.train.source=shapes"])

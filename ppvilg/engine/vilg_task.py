@@ -151,8 +151,9 @@ class ViLGTask(Task):
                 raise ConfigError(f"{origin}: Loss.end_to_end compares reconstructions with the real images; "
                                   "Data.train.source 'shards' holds codes only (use the images: shapes, manifest, "
                                   "coco ...)")
-            if d.pp_degree > 1:
-                raise ConfigError(f"{origin}: Loss.end_to_end is not supported with pipeline parallel")
+            if d.world_size > 1:
+                raise ConfigError(f"{origin}: Loss.end_to_end trains in one process for now (the reconstructor is "
+                                  "not wrapped for data / tensor / pipeline parallel)")
         for split in ("train", "eval"):
             if cfg.Data[split].source != "shards" and not cfg.Tokenizer.checkpoint:
                 raise ConfigError(f"{origin}: Data.{split}.source '{cfg.Data[split].source}' gives images; "
