@@ -38,12 +38,15 @@ def main(argv=None):
     p = config_parser(__doc__)
     p.add_argument("--out", default="output/demo", help="folder for report.json and the images")
     p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--start", type=int, default=0, help="first held-out item scored (tune settings on another "
+                   "range than the one you report)")
     p.add_argument("--candidates", type=int, default=4, help="images sampled per prompt, reranked")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--cfg-scale", type=float, default=2.0,
-                   help="classifier-free guidance (the demo trains with Loss.cond_dropout 0.1); measured on the "
-                        "demo: 1 -> 80.5%%, 2 -> 84.0%% text->image attribute accuracy")
+    p.add_argument("--cfg-scale", type=float, default=1.5,
+                   help="classifier-free guidance (the demo trains with Loss.cond_dropout 0.1). The defaults "
+                        "(temperature 0.7, guidance 1.5) were chosen on held-out items 128-191 (--start 128): 87.5%% "
+                        "text->image attribute accuracy there, vs 85.5%% at temperature 1 / guidance 2")
     p.add_argument("--beam", type=int, default=3, help="beam size for captions (1: greedy)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -54,8 +57,8 @@ def main(argv=None):
         sys.exit("shapes_report needs Data.eval.source: shards of the held-out shapes (tools/tokenize_images.py)")
     pipe = ViLGPipeline.from_checkpoint(cfg.Global.checkpoint or cfg.Global.output_dir)
     held = CodeShards(cfg.Data.eval.path)
-    n = min(args.num_prompts, len(held))
-    items = [held.item(i) for i in range(n)]
+    n = min(args.num_prompts, len(held) - args.start)
+    items = [held.item(i) for i in range(args.start, args.start + n)]
     prompts, truth = [it["text"] for it in items], [it["meta"] for it in items]
 
     t0 = time.time()
@@ -96,7 +99,7 @@ def main(argv=None):
         "caption_attribute_accuracy": cap_acc, "caption_per_attribute": cap_per,
         "caption_bleu4": metrics["bleu4"], "caption_cider": metrics["cider"], "caption_rouge_l": metrics["rouge_l"],
         "vq_psnr": vq_psnr,
-        "num_prompts": n, "candidates": args.candidates, "sampling": {"temperature": args.temperature,
+        "num_prompts": n, "first_item": args.start, "candidates": args.candidates, "sampling": {"temperature": args.temperature,
                                                                         "top_k": args.top_k, "cfg_scale": args.cfg_scale,
                                                                         "seed": args.seed},
         "caption_decoding": {"method": method, "beam_size": args.beam},
