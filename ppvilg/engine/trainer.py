@@ -320,7 +320,7 @@ class Trainer:
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 dt = time.time() - t_last
                 logs["samples_per_s"] = n_last / max(dt, 1e-9)
-                logs["lr"] = self.opts[next(iter(self.opts))].get_lr()
+                logs["lr"] = self.scheds[next(iter(self.scheds))].last_lr
                 t_last, n_last = time.time(), 0
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "samples_per_s")})
                 self.log.info(f"step {self.step}/{tc.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
