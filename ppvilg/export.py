@@ -24,8 +24,7 @@ import numpy as np
 import paddle
 import yaml
 
-from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, base_mask, image_to_text, layer_pattern, pattern_mask, \
-    text_to_image, vqa
+from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, direction_layouts, layer_pattern, static_mask
 from ppvilg.utils.io import AtomicDir, atomic_write_text
 
 
@@ -49,22 +48,15 @@ class StepProgram(paddle.nn.Layer):
         return [logits if logits.dtype == paddle.float32 else logits.astype("float32")] + new
 
 
-class _Encode(paddle.nn.Layer):
-    def __init__(self, vq):
+class _Method(paddle.nn.Layer):
+    """One method of a layer as a program (the VQ model's encode / decode_codes)."""
+
+    def __init__(self, layer, method):
         super().__init__()
-        self.vq = vq
+        self.layer, self.method = layer, method
 
     def forward(self, x):
-        return self.vq.encode(x)
-
-
-class _Decode(paddle.nn.Layer):
-    def __init__(self, vq):
-        super().__init__()
-        self.vq = vq
-
-    def forward(self, codes):
-        return self.vq.decode_codes(codes)
+        return getattr(self.layer, self.method)(x)
 
 
 def pattern_names(c):
@@ -76,18 +68,11 @@ def pattern_names(c):
     return names
 
 
-def direction_layouts(c):
-    return {"t2i": text_to_image(c.max_text_len, c.grid), "i2t": image_to_text(c.max_text_len, c.grid),
-            "vqa": vqa(c.max_text_len, c.max_text_len, c.grid)}
-
-
 def static_masks(c):
     """{direction: additive float32 [P, S, S]} of the UniLM mask and each sparse pattern, before key padding."""
     out = {}
-    for name, lay in direction_layouts(c).items():
-        base = base_mask(lay, np.ones([1, lay.length], bool))[0]
-        out[name] = np.stack([np.where(base & pattern_mask(lay, c.grid, p), 0.0, -1e9).astype(np.float32)
-                              for p in pattern_names(c)])
+    for name, lay in direction_layouts(c.max_text_len, c.grid).items():
+        out[name] = np.stack([static_mask(lay, c.grid, p) for p in pattern_names(c)])
     return out
 
 
@@ -110,14 +95,14 @@ def export(pipeline, cfg, out):
     step_specs.append([spec([None, heads, None, head_dim], "float32", f"cache_{kv}_{i}")
                        for i in range(c.num_layers) for kv in ("k", "v")])
     with AtomicDir(out) as tmp:
-        _save(_Encode(vq), [spec([None, 3, size, size], "float32", "image")], os.path.join(tmp, "vq_encoder", "model"))
-        _save(_Decode(vq), [spec([None, c.grid, c.grid], "int64", "codes")], os.path.join(tmp, "vq_decoder", "model"))
+        _save(_Method(vq, "encode"), [spec([None, 3, size, size], "float32", "image")], os.path.join(tmp, "vq_encoder", "model"))
+        _save(_Method(vq, "decode_codes"), [spec([None, c.grid, c.grid], "int64", "codes")], os.path.join(tmp, "vq_decoder", "model"))
         _save(StepProgram(model, IMAGE_TGT), step_specs, os.path.join(tmp, "step_image", "model"))
         _save(StepProgram(model, TEXT_TGT), step_specs, os.path.join(tmp, "step_text", "model"))
         np.savez(os.path.join(tmp, "masks.npz"), **static_masks(c))
         shutil.copy(tok.vocab_file, os.path.join(tmp, "vocab.txt"))
         ev = cfg.Eval
-        lays = direction_layouts(c)
+        lays = direction_layouts(c.max_text_len, c.grid)
         info = {
             "format": "ppvilg-inference/1",
             "model": {"text_len": c.max_text_len, "grid": c.grid, "num_codes": c.num_codes,

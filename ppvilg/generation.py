@@ -18,7 +18,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, image_to_text, text_to_image, vqa
+from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, direction_layouts
 from ppvilg_deploy.decoding import Decoding, filter_logits, sample_from  # noqa: F401  (re-exported)
 
 
@@ -63,14 +63,12 @@ class Generator(Decoding):
         self.m, self.tok = model, tokenizer
         self.c = model.config
         self.text_len, self.grid, self.boi_id = self.c.max_text_len, self.c.grid, model.boi_id
-        self.t2i_layout = text_to_image(self.c.max_text_len, self.c.grid)
-        self.i2t_layout = image_to_text(self.c.max_text_len, self.c.grid)
+        self.layouts = direction_layouts(self.c.max_text_len, self.c.grid)
+        self.t2i_layout, self.i2t_layout = self.layouts["t2i"], self.layouts["i2t"]
 
     def make_decoder(self, direction, ids, valid, use_cache=True):
         self.m.eval()
-        layout = {"t2i": self.t2i_layout, "i2t": self.i2t_layout,
-                  "vqa": vqa(self.text_len, self.text_len, self.grid)}[direction]
-        return Decoder(self.m, layout, ids, valid, use_cache)
+        return Decoder(self.m, self.layouts[direction], ids, valid, use_cache)
 
     def text_to_image(self, texts, num_candidates=1, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
                       seed=0, use_cache=True, truncate=False):

@@ -96,16 +96,11 @@ class ParallelState:
     """Where this process sits in the layout (all 1 / 0 when not distributed)."""
 
     def __init__(self, cfg=None):
-        d = cfg.Distributed if cfg is not None else None
-        self.enabled = d is not None and d.world_size > 1
-        self.world = d.world_size if d is not None else 1
-        self.dp = d.dp_degree if d is not None else 1
-        self.mp = d.mp_degree if d is not None else 1
-        self.pp = d.pp_degree if d is not None else 1
-        self.sharding = d.sharding_degree if d is not None else 1
-        self.stage = d.sharding_stage if d is not None else 1
-        self.offload = bool(d.offload) if d is not None else False
-        self.recompute = d.recompute if d is not None else "none"
+        d = cfg.Distributed if cfg is not None else dict(DISTRIBUTED_DEFAULTS, dp_degree=1, world_size=1)
+        self.world, self.enabled = d["world_size"], d["world_size"] > 1
+        self.dp, self.mp, self.pp = d["dp_degree"], d["mp_degree"], d["pp_degree"]
+        self.sharding, self.stage = d["sharding_degree"], d["sharding_stage"]
+        self.offload, self.recompute = bool(d["offload"]), d["recompute"]
         self.rank = self.dp_rank = self.mp_rank = self.pp_rank = self.sharding_rank = 0
         self.hcg = None
 

@@ -36,11 +36,7 @@ def save_checkpoint(folder, cfg, modules, optimizers, state):
             paddle.save(layer.state_dict(), os.path.join(tmp, f"{name}.pdparams"))
         for phase, opt_state in optimizers.items():
             paddle.save(opt_state, os.path.join(tmp, f"{phase}.pdopt"))
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
-        if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-            rng["cuda"] = paddle.get_cuda_rng_state()
-        with open(os.path.join(tmp, "rng.pkl"), "wb") as f:
-            pickle.dump(rng, f)
+        save_rng(os.path.join(tmp, "rng.pkl"))
         atomic_write_json(os.path.join(tmp, "trainer_state.json"),
                           dict(state, paddle_version=paddle.__version__))
         save_config(cfg, os.path.join(tmp, "config.yaml"))
@@ -80,27 +76,52 @@ def read_meta(folder):
 def load_state_strict(layer, path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing (the checkpoint has no weights for this module)")
-    state = paddle.load(path)
+    set_state_strict(layer, paddle.load(path), path)
+
+
+def set_state_strict(layer, state, origin):
+    """Load `state` into `layer`; a missing or unexpected parameter or a shape mismatch is an error naming
+    it and `origin` (the file or folder it came from)."""
     own = layer.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: parameters do not match the model: missing {missing[:5]}, "
+        raise CheckpointError(f"{origin}: parameters do not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     for k, v in own.items():
         if list(v.shape) != list(state[k].shape):
-            raise CheckpointError(f"{path}: '{k}' has shape {list(state[k].shape)}, the model expects "
+            raise CheckpointError(f"{origin}: '{k}' has shape {list(state[k].shape)}, the model expects "
                                   f"{list(v.shape)}")
     layer.set_state_dict(state)
 
 
-def restore_rng(folder):
-    with open(os.path.join(folder, "rng.pkl"), "rb") as f:
+def _cuda():
+    return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def save_rng(path, tracker=False):
+    """Python / numpy / paddle (and CUDA) RNG states; with tracker, also Fleet's tensor-parallel RNG tracker."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+    if _cuda():
+        rng["cuda"] = paddle.get_cuda_rng_state()
+    if tracker:
+        from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+        rng["tracker"] = get_rng_state_tracker().get_states_tracker()
+    with open(path, "wb") as f:
+        pickle.dump(rng, f)
+
+
+def restore_rng(folder, name="rng.pkl"):
+    """The RNG states written by save_rng into folder/name."""
+    with open(os.path.join(folder, name), "rb") as f:
         rng = pickle.load(f)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     paddle.set_rng_state(rng["paddle"])
-    if "cuda" in rng and paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+    if "cuda" in rng and _cuda():
         paddle.set_cuda_rng_state(rng["cuda"])
+    if "tracker" in rng:
+        from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+        get_rng_state_tracker().set_states_tracker(rng["tracker"])
 
 
 def load_model(path, task, build, output_dir=None):

@@ -8,6 +8,7 @@ terminal, VisualDL scalars and image grids; evaluation and checkpoints run every
 Resume restores weights, optimizers, schedules, scalers, RNG states and the data position exactly.
 """
 import os
+import shutil
 import time
 
 import paddle
@@ -17,8 +18,9 @@ from ppvilg.config import save_config
 from ppvilg.data.datasets import build_dataset, train_loader
 from ppvilg.distributed import convert
 from ppvilg.distributed.env import current as current_parallel
-from ppvilg.engine.checkpoint import (CheckpointError, load_state_strict, mark_latest, read_meta,
-                                      resolve_checkpoint, restore_rng, save_checkpoint)
+from ppvilg.engine.checkpoint import (CheckpointError, mark_latest, read_meta,
+                                      resolve_checkpoint, restore_rng, save_checkpoint, save_rng, set_state_strict)
+from ppvilg.utils.io import atomic_write_json
 from ppvilg.utils.runtime import get_logger
 
 
@@ -133,16 +135,7 @@ class Trainer:
     def set_local_state(self, name, layer, state, origin):
         if name == "model" and self.pipeline:
             state = self.task.model_to_pipeline_names(state)
-        own = layer.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(f"{origin}: parameters do not match the model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
-        for k, v in own.items():
-            if list(v.shape) != list(state[k].shape):
-                raise CheckpointError(f"{origin}: '{k}' has shape {list(state[k].shape)}, this rank's model "
-                                      f"expects {list(v.shape)}")
-        layer.set_state_dict(state)
+        set_state_strict(layer, state, origin)
 
     def init_weights(self, path):
         """Model weights from a checkpoint of any parallel layout, cut for this rank; a fresh optimizer."""
@@ -177,13 +170,7 @@ class Trainer:
     def save_parallel(self, folder, state):
         """Every rank writes its files into one temporary folder (shared storage across nodes), which rank 0
         renames when all are done: weights once per (mp rank, pp rank), optimizer and RNG state per rank."""
-        import pickle
-        import random
-        import shutil
-
-        import numpy as np
         from paddle import distributed as dist
-        from ppvilg.utils.io import atomic_write_json
         par, tmp = self.par, folder + ".partial"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -197,10 +184,7 @@ class Trainer:
                             os.path.join(tmp, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name)))
         for phase, st in self.optimizer_states().items():
             paddle.save(st, os.path.join(tmp, f"{phase}.rank{self.rank:03d}.pdopt"))
-        with open(os.path.join(tmp, f"rng.rank{self.rank:03d}.pkl"), "wb") as f:
-            from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
-            pickle.dump({"python": random.getstate(), "numpy": np.random.get_state(),
-                         "paddle": paddle.get_rng_state(), "tracker": get_rng_state_tracker().get_states_tracker()}, f)
+        save_rng(os.path.join(tmp, f"rng.rank{self.rank:03d}.pkl"), tracker=True)
         dist.barrier()
         if self.rank == 0:
             atomic_write_json(os.path.join(tmp, "trainer_state.json"), dict(state, paddle_version=paddle.__version__))
@@ -236,20 +220,7 @@ class Trainer:
             self.opts[phase].set_state_dict(rename_optimizer_state(st["optimizer"], back))
             self.scheds[phase].set_state_dict(st["schedule"])
             self.scalers[phase].load_state_dict(st["scaler"])
-        if par.enabled:
-            import pickle
-            import random
-
-            import numpy as np
-            from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
-            with open(os.path.join(folder, f"rng.rank{self.rank:03d}.pkl"), "rb") as f:
-                rng = pickle.load(f)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            paddle.set_rng_state(rng["paddle"])
-            get_rng_state_tracker().set_states_tracker(rng["tracker"])
-        else:
-            restore_rng(folder)
+        restore_rng(folder, f"rng{suffix}.pkl")
         self.step, self.skipped = meta["step"], meta.get("skipped_images", 0)
         self.log.info(f"resumed from {folder} at step {self.step}")
 

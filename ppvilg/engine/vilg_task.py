@@ -199,21 +199,18 @@ class ViLGTask(Task):
         self.train_model = model
 
     # ---- pipeline parallel --------------------------------------------------------------------------
-    def _pipe_prefixes(self):
-        names = pipeline_name_map(self.model.config.num_layers)
-        return {str(i): p for i, p in names.items()}
+    def _model_name(self, pipe_name, prefixes):
+        item, rest = pipe_name.split(".", 1)
+        return prefixes[int(item)] + rest
 
     def pipeline_to_model_names(self, state):
         """'3.attn.q.weight' (PipelineLayer item 3) -> 'blocks.2.attn.q.weight'."""
-        pre = self._pipe_prefixes()
-        out = {}
-        for k, v in state.items():
-            item, rest = k.split(".", 1)
-            out[pre[item] + rest] = v
-        return out
+        prefixes = pipeline_name_map(self.model.config.num_layers)
+        return {self._model_name(k, prefixes): v for k, v in state.items()}
 
     def model_to_pipeline_names(self, state):
-        own = {self.pipeline_to_model_names({k: None}).popitem()[0]: k for k in self.model.state_dict()}
+        prefixes = pipeline_name_map(self.model.config.num_layers)
+        own = {self._model_name(k, prefixes): k for k in self.model.state_dict()}
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise CheckpointError(f"weights {unknown[:5]} do not belong to this pipeline stage")

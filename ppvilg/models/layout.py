@@ -67,6 +67,13 @@ def vqa(question_len, answer_len, grid):
     return Layout((IMAGE_SRC, TEXT_SRC, TEXT_TGT), (grid * grid, question_len, answer_len))
 
 
+def direction_layouts(text_len, grid):
+    """{"t2i", "i2t", "vqa"} -> Layout, the names generation, export and deployment use (VQA: question and
+    answer both text_len long)."""
+    return {"t2i": text_to_image(text_len, grid), "i2t": image_to_text(text_len, grid),
+            "vqa": vqa(text_len, text_len, grid)}
+
+
 def layer_pattern(layer, num_layers, attention):
     if attention == "dense":
         return "dense"
@@ -103,3 +110,10 @@ def pattern_mask(layout, grid, pattern):
         raise ValueError(f"unknown attention pattern {pattern!r}")
     both = img[:, None] & img[None, :]
     return ~both | ok
+
+
+def static_mask(layout, grid, pattern):
+    """Additive float32 [S, S] mask of one layer pattern without key padding (0 allowed, -1e9 not): the part
+    of a layer's mask that does not depend on the batch (pipeline stages and exported programs add padding)."""
+    allowed = base_mask(layout, np.ones([1, layout.length], bool))[0] & pattern_mask(layout, grid, pattern)
+    return np.where(allowed, 0.0, -1e9).astype(np.float32)

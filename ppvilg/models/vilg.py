@@ -25,8 +25,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppvilg.distributed.env import current as current_parallel
-from ppvilg.models.layout import (IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, image_to_text, layer_pattern,
-                                  pattern_mask, text_to_image)
+from ppvilg.models.layout import (IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, direction_layouts, layer_pattern,
+                                  pattern_mask, static_mask)
 from ppvilg.registry import MODEL_CONFIGS
 
 
@@ -359,7 +359,8 @@ def pipeline_name_map(num_layers):
 
 
 def _layouts(c):
-    return text_to_image(c.max_text_len, c.grid), image_to_text(c.max_text_len, c.grid)
+    lays = direction_layouts(c.max_text_len, c.grid)
+    return lays["t2i"], lays["i2t"]
 
 
 class PipeEmbed(nn.Layer, _Embeddings):
@@ -379,11 +380,9 @@ class PipeBlock(Block):
     def __init__(self, config, index, mp=1, recompute="none"):
         super().__init__(config, mp, recompute)
         pattern = layer_pattern(index, config.num_layers, config.attention)
-        static = []
-        for lay in _layouts(config):  # the masks of layer_masks without the key padding, which comes per batch
-            allowed = base_mask(lay, np.ones([1, lay.length], bool))[0] & pattern_mask(lay, config.grid, pattern)
-            static.append(np.where(allowed, 0.0, -1e9).astype(np.float32))
-        self.register_buffer("static_mask", paddle.to_tensor(np.stack(static)), persistable=False)
+        # the masks of layer_masks without the key padding, which comes per batch
+        static = np.stack([static_mask(lay, config.grid, pattern) for lay in _layouts(config)])
+        self.register_buffer("static_mask", paddle.to_tensor(static), persistable=False)
 
     def forward(self, inputs):
         x, pad = inputs
