@@ -27,19 +27,19 @@ from ppvilg.config import load_config  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
 from ppvilg.export import export  # noqa: E402
 from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
-from ppvilg.pipeline import ViLGPipeline  # noqa: E402
+from ppvilg.inference import ViLGInference  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
+from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline  # noqa: E402
 
 PROMPT = "左上角有一个小红色圆形"
+SAMPLER = SamplerSettings(top_k=8)   # the same settings for both backends: one image per prompt, no guidance
 
 
 def step_latency(backend, batch, grid):
     """Mean seconds of a one-token decode step over a whole image (the prefill is not counted)."""
-    src, valid_s = backend.text_source([PROMPT] * batch)
     n = grid * grid
-    ids = np.concatenate([src, np.full([batch, 1], backend.boi_id), np.ones([batch, n - 1], np.int64)], 1)
-    valid = np.concatenate([valid_s, np.ones([batch, n], bool)], 1)
+    ids, valid, _ = backend.seq.text_to_image(backend.seq.text([PROMPT] * batch), np.ones([batch, n], np.int64))
     dec = backend.make_decoder("t2i", ids, valid)
     dec.logits_at(dec.t0)
     t = time.perf_counter()
@@ -72,7 +72,7 @@ def main():
         vq_cfg_g = load_config(os.path.join(ROOT, "configs/demo/vqgan_shapes.yaml"),
                                [f"Data.image_size={grid * vq.config.downsample}",
                                 f"Model.resolution={grid * vq.config.downsample}"])
-        pipe = ViLGPipeline(model, TextTokenizer(), vq, vq_cfg_g)
+        pipe = ViLGInference(model, TextTokenizer(), vq, vq_cfg_g)
         with tempfile.TemporaryDirectory() as tmp:
             export(pipe, cfg, tmp)
             for threads in a.threads:
@@ -80,8 +80,8 @@ def main():
                 dep = DeployPipeline(tmp, threads=threads)
                 for b in a.batch:
                     dyn_step, pred_step = step_latency(pipe.gen, b, grid), step_latency(dep, b, grid)
-                    dyn_ips = images_per_second(lambda n: pipe.decode(pipe.gen.text_to_image([PROMPT] * n, top_k=8)), b)
-                    pred_ips = images_per_second(lambda n: dep.text_to_image([PROMPT] * n, top_k=8), b)
+                    dyn_ips = images_per_second(lambda n: pipe.decode(pipe.gen.text_to_image([PROMPT] * n, SAMPLER)), b)
+                    pred_ips = images_per_second(lambda n: dep.text_to_image([PROMPT] * n, SAMPLER), b)
                     key = f"{grid}x{grid}_b{b}_t{threads}"
                     results[key] = {"dygraph_ms_per_token_step": dyn_step * 1e3,
                                     "predictor_ms_per_token_step": pred_step * 1e3,

@@ -20,7 +20,7 @@ from ppvilg.utils.runtime import setup_device  # noqa: E402
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from ppvilg.generation import Decoder  # noqa: E402
+from ppvilg.generation import DygraphDecoder  # noqa: E402
 from ppvilg.models.layout import text_to_image  # noqa: E402
 from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
 
@@ -29,7 +29,7 @@ def time_steps(model, layout, batch, steps, use_cache):
     ids = np.zeros([batch, layout.length], np.int64)
     ids[:, :layout.lengths[0]] = np.random.default_rng(0).integers(5, 500, [batch, layout.lengths[0]])
     ids[:, layout.lengths[0]] = model.boi_id
-    dec = Decoder(model, layout, ids, np.ones(ids.shape, bool), use_cache)
+    dec = DygraphDecoder(model, layout, ids, np.ones(ids.shape, bool), use_cache)
     dec.logits_at(dec.t0)  # prefill / first step, not timed
     t = time.perf_counter()
     for k in range(1, steps):

@@ -5,11 +5,17 @@ Every key that may appear is known in advance: the generic sections are in `GENE
 by `Global.task` adds its own sections (for example `Loss`), and `Model.name` picks a dataclass whose fields
 (plus `preset`) are the valid `Model` keys. An unknown key is an error that names the nearest valid one.
 Override values are parsed with `yaml.safe_load` (never eval): `-o Train.lr=3e-4 -o Data.train.lang=zh`.
+
+This module is a schema and a loader only: it imports no training code. Tasks and models register themselves
+(ppvilg.registry: `TASKS` with each task's `config_sections`, `renamed_sections` and `validate_config`;
+`MODEL_CONFIGS` with each model's dataclass) when their modules are imported; `import ppvilg.engine.tasks`
+registers all of them (the tools do it through ppvilg.utils.cli).
 """
 import copy
 import dataclasses
 import difflib
 import os
+import warnings
 
 import yaml
 
@@ -109,8 +115,9 @@ class Config(dict):
         return {k: (v.to_dict() if isinstance(v, Config) else copy.deepcopy(v)) for k, v in self.items()}
 
 
-def _to_config(d):
-    return Config({k: _to_config(v) if isinstance(v, dict) else v for k, v in d.items()})
+def to_config(d):
+    """A nested dict as an (unfrozen) Config tree."""
+    return Config({k: to_config(v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
 def _deep_merge(base, over):
@@ -250,13 +257,9 @@ def load_config(path, overrides=()):
         parts, value = parse_override(text)
         _set_path(raw, parts, value)
     origin = _origin(path, overrides)
-    import ppvilg.engine.tasks  # noqa: F401  (fills the task and model registries)
-
     task_name = raw.get("Global", {}).get("task", GENERIC_SECTIONS["Global"]["task"])
-    try:
-        task_cls = TASKS.get(task_name)
-    except KeyError as e:
-        raise ConfigError(f"{origin}: Global.task: {e.args[0]}") from None
+    task_cls = registered_task(task_name, origin)
+    _rename_sections(raw, task_cls.renamed_sections, origin)
     sections = dict(GENERIC_SECTIONS, **copy.deepcopy(task_cls.config_sections))
     model_user = raw.get("Model") or {}
     if not isinstance(model_user, dict):
@@ -266,10 +269,33 @@ def load_config(path, overrides=()):
         if k not in sections:
             raise _unknown(k, sections, origin)
     tree = _merge_checked(sections, raw, "", origin)
-    cfg = _to_config(tree)
+    cfg = to_config(tree)
     validate_and_derive(cfg, origin)
     task_cls.validate_config(cfg, origin)
     return cfg.freeze()
+
+
+def registered_task(name, origin):
+    """The task class registered as `name` (ppvilg.registry.TASKS), or a ConfigError saying what is known."""
+    if not TASKS.names():
+        raise ConfigError(f"{origin}: Global.task {name!r}: no task is registered in this process; import "
+                          "ppvilg.engine.tasks first (the tools do)")
+    try:
+        return TASKS.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{origin}: Global.task: {e.args[0]}") from None
+
+
+def _rename_sections(raw, renamed, origin):
+    """Sections renamed in this release: the old name still works, with a deprecation message."""
+    for old, new in renamed.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise ConfigError(f"{origin}: both '{old}' and its new name '{new}' are given; keep '{new}' only")
+        warnings.warn(f"{origin}: the config section '{old}' is now '{new}'; the old name is accepted "
+                      "in this release only", FutureWarning, stacklevel=3)
+        raw[new] = raw.pop(old)
 
 
 def validate_and_derive(cfg, origin):
@@ -316,6 +342,15 @@ def save_config(cfg, path):
 
 
 def load_resolved(path):
-    """Read a config written by save_config (a checkpoint's config.yaml), frozen, without re-deriving."""
+    """Read a config written by save_config (a checkpoint's config.yaml), frozen, without re-deriving;
+    sections renamed since it was written get their new names (when its task is registered)."""
     with open(path, encoding="utf-8") as f:
-        return _to_config(yaml.safe_load(f)).freeze()
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    task = (data.get("Global") or {}).get("task")
+    if task in TASKS:
+        for old, new in TASKS.get(task).renamed_sections.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
+    return to_config(data).freeze()

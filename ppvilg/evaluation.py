@@ -8,7 +8,7 @@
   ROUGE-L, CIDEr-D (pycocoevalcap scorers; `Eval.tokenization`: jieba as AIC-ICC / COCO-CN, char, space, auto).
 - reconstruction: the stage-1 task's PSNR / SSIM / codebook statistics.
 """
-from ppvilg.data.benchmarks import group_references
+from ppvilg.data.corpora import group_references
 from ppvilg.data.datasets import read_pairs
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop
 from ppvilg.data.shapes import ShapesPairs
@@ -16,19 +16,15 @@ from ppvilg.metrics.captions import caption_scores
 from ppvilg.metrics.fid import cached_statistics, fingerprint, frechet_distance, statistics
 from ppvilg.metrics.inception import inception_features, load_inception
 from ppvilg.utils.runtime import get_logger
+from ppvilg_deploy.decoding import SamplerSettings
 
 EVAL_DEFAULTS = {
     "num_samples": 1000,        # images of the split to evaluate (the paper: 30,000 for MS-COCO FID)
-    "candidates": 1,            # text->image samples per caption; >1 reranks them with the model itself
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "cfg_scale": 1.0,
-    "seed": 0,
+    # the sampler (ppvilg_deploy.decoding.SamplerSettings: candidates > 1 are reranked by the model itself),
+    # also the defaults of tools/infer.py on a checkpoint and of its export
+    **SamplerSettings(caption_method="beam", beam_size=3).to_dict(),
     "fid_weights": None,        # converted FID Inception weights (default: the cache of get_fid_weights.py)
     "fid_cache": "output/fid_stats",  # cached statistics of real image sets
-    "caption_method": "beam",   # greedy | beam | sample
-    "beam_size": 3,
     "tokenization": "auto",     # auto | jieba | char | space
     "meteor": True,
 }
@@ -62,19 +58,18 @@ def image_caption_sets(section, image_size, limit):
     return images, references, prompts, fingerprint(used + [image_size])
 
 
-def evaluate_text_to_image(pipe, images, prompts, ev, key, batch=16):
+def evaluate_text_to_image(vilg, images, prompts, ev, key, batch=16):
     log = get_logger()
     net = load_inception(ev.fid_weights)
-    limit = pipe.model.config.max_text_len
-    cut = sum(len(pipe.tok.encode(t)) > limit for t in prompts)
+    limit = vilg.model.config.max_text_len
+    cut = sum(len(vilg.text_tokenizer.encode(t)) > limit for t in prompts)
     if cut:
         log.warning(f"{cut} of {len(prompts)} captions are longer than the model's {limit} text tokens; cut")
     generated = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
-        ims, _, _ = pipe.text_to_image(chunk, num_candidates=ev.candidates, rerank=ev.candidates > 1, truncate=True,
-                                       temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p,
-                                       cfg_scale=ev.cfg_scale, seed=ev.seed + s)
+        ims, _, _ = vilg.text_to_image(chunk, rerank=ev.candidates > 1, truncate=True,
+                                       sampler=SamplerSettings.from_mapping(ev), seed=ev.seed + s)
         generated += list(ims[:, 0])
         log.info(f"text->image: {len(generated)}/{len(prompts)} generated")
     mu_r, sig_r, cached = cached_statistics(ev.fid_cache, key, lambda: inception_features(net, images))
@@ -83,8 +78,8 @@ def evaluate_text_to_image(pipe, images, prompts, ev, key, batch=16):
     return {"fid": fid, "num_images": len(generated), "real_stats_cached": cached, "truncated_prompts": cut}, generated
 
 
-def evaluate_image_to_text(pipe, images, references, ev):
-    caps = pipe.caption(images, method=ev.caption_method, beam_size=ev.beam_size)
+def evaluate_image_to_text(vilg, images, references, ev):
+    caps = vilg.caption(images, sampler=SamplerSettings.from_mapping(ev))
     hyps = {i: c["text"] for i, c in enumerate(caps)}
     scores = caption_scores(references, hyps, mode=ev.tokenization, meteor=ev.meteor)
     return dict(scores, num_images=len(images)), caps

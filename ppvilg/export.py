@@ -26,6 +26,7 @@ import yaml
 
 from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, direction_layouts, layer_pattern, static_mask
 from ppvilg.utils.io import AtomicDir, atomic_write_text
+from ppvilg_deploy.decoding import SamplerSettings
 
 
 class StepProgram(paddle.nn.Layer):
@@ -82,12 +83,13 @@ def _save(layer, specs, path):
     paddle.jit.save(static, path)
 
 
-def export(pipeline, cfg, out):
-    """Write the export folder for a loaded ppvilg.pipeline.ViLGPipeline and its checkpoint config."""
-    model, vq, tok = pipeline.model, pipeline.vq, pipeline.tok
+def export(vilg, cfg, out):
+    """Write the export folder for a loaded ppvilg.inference.ViLGInference; cfg: the export's config (-c, with
+    -o overrides), whose Eval section gives the exported sampler defaults."""
+    model, vq, tok = vilg.model, vilg.image_tokenizer, vilg.text_tokenizer
     c = model.config
     heads, head_dim = model.blocks[0].attn.heads, c.hidden_size // c.num_heads
-    size = pipeline.image_size
+    size = vilg.image_size
     spec = paddle.static.InputSpec
     step_specs = [spec([None, None], "int64", "ids"), spec([None], "int64", "kind"), spec([None], "int64", "pos"),
                   spec([len(pattern_names(c)), None, 1, None, None], "float32", "masks"),
@@ -115,14 +117,13 @@ def export(pipeline, cfg, out):
             "tokenizer": {"vocab_file": "vocab.txt", "pad_id": tok.pad_id, "bos_id": tok.bos_id,
                           "eos_id": tok.eos_id, "vocab_size": tok.vocab_size},
             "image": {"size": size, "preprocess": "resize short side (area / cubic) + center crop, RGB, x/127.5-1"},
-            "sampler": {k: ev[k] for k in ("candidates", "temperature", "top_k", "top_p", "cfg_scale", "seed",
-                                           "caption_method", "beam_size") if k in ev},
+            "sampler": SamplerSettings.from_mapping(ev).to_dict(),
             "programs": {k: f"{k}/model" for k in ("vq_encoder", "vq_decoder", "step_image", "step_text")},
             # an end-to-end checkpoint's reconstructor needs the generator's hidden states of the whole
             # sequence, which the step programs do not return: deployment decodes codes with the VQ decoder
             "reconstructor": "vq_decoder",
-            "checkpoint_reconstructor": pipeline.reconstructor,
-            "source": {"checkpoint": os.path.abspath(pipeline.folder or ""), "paddle_version": paddle.__version__},
+            "checkpoint_reconstructor": vilg.reconstructor,
+            "source": {"checkpoint": os.path.abspath(vilg.folder or ""), "paddle_version": paddle.__version__},
         }
         atomic_write_text(os.path.join(tmp, "inference.yml"),
                           yaml.safe_dump(info, allow_unicode=True, sort_keys=False))

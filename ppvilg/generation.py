@@ -11,6 +11,8 @@ decoding algorithms of ppvilg_deploy.decoding (shared with the exported predicto
 
 Every decode path also runs without the cache (the whole sequence re-encoded each step) for tests and
 benchmarks. Sampling uses numpy's generator seeded per call, so a seed gives the same result everywhere.
+Sequences are assembled by ppvilg_deploy.sequences.SequenceBuilder and the options are one
+ppvilg_deploy.decoding.SamplerSettings, as in the exported predictors.
 """
 import importlib
 
@@ -19,10 +21,11 @@ import paddle
 import paddle.nn.functional as F
 
 from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, direction_layouts
-from ppvilg_deploy.decoding import Decoding, filter_logits, sample_from  # noqa: F401  (re-exported)
+from ppvilg_deploy.decoding import Decoding, SamplerSettings, filter_logits, sample_from  # noqa: F401
+from ppvilg_deploy.sequences import SequenceBuilder
 
 
-class Decoder:
+class DygraphDecoder:
     """Runs one layout: the source is given, the target is produced slot by slot."""
 
     def __init__(self, model, layout, ids, valid, use_cache=True):
@@ -57,47 +60,43 @@ class Decoder:
 
 
 class Generator(Decoding):
-    """The decoding algorithms (ppvilg_deploy.decoding.Decoding) over the dynamic-graph model."""
+    """The decoding algorithms (ppvilg_deploy.decoding.Decoding) over the dynamic-graph model.
+    sampler: the default SamplerSettings of this generator (default: SamplerSettings())."""
 
-    def __init__(self, model, tokenizer):
-        self.m, self.tok = model, tokenizer
-        self.c = model.config
-        self.text_len, self.grid, self.boi_id = self.c.max_text_len, self.c.grid, model.boi_id
-        self.layouts = direction_layouts(self.c.max_text_len, self.c.grid)
-        self.t2i_layout, self.i2t_layout = self.layouts["t2i"], self.layouts["i2t"]
+    def __init__(self, model, tokenizer, sampler=None):
+        self.m = model
+        c = model.config
+        self.seq = SequenceBuilder(tokenizer, c.max_text_len, c.grid, model.boi_id)
+        self.sampler = sampler or SamplerSettings()
+        self.layouts = direction_layouts(c.max_text_len, c.grid)
 
     def make_decoder(self, direction, ids, valid, use_cache=True):
         self.m.eval()
-        return Decoder(self.m, self.layouts[direction], ids, valid, use_cache)
+        return DygraphDecoder(self.m, self.layouts[direction], ids, valid, use_cache)
 
-    def text_to_image(self, texts, num_candidates=1, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
-                      seed=0, use_cache=True, truncate=False):
-        """-> int64 codes [len(texts), num_candidates, grid, grid] (see Decoding.sample_codes)."""
-        return self.sample_codes(texts, num_candidates, temperature, top_k, top_p, cfg_scale, seed, truncate,
-                                 use_cache=use_cache)
+    def settings(self, sampler=None, **changes):
+        """`sampler` (default: this generator's) with `changes` (SamplerSettings fields; None: unchanged)."""
+        return (sampler or self.sampler).replace(**changes)
 
-    def image_to_text(self, codes, method="greedy", max_len=None, beam_size=4, length_penalty=1.0,
-                      temperature=1.0, top_k=0, top_p=1.0, seed=0, question=None, use_cache=True):
-        """codes [B, grid, grid] -> list of dicts(text, ids, score) (see Decoding.decode_text)."""
-        return self.decode_text(codes, method, max_len, beam_size, length_penalty, temperature, top_k, top_p,
-                                seed, question, use_cache=use_cache)
+    def text_to_image(self, texts, sampler=None, truncate=False, use_cache=True, **changes):
+        """-> int64 codes [len(texts), candidates, grid, grid] (see Decoding.sample_codes)."""
+        return self.sample_codes(texts, self.settings(sampler, **changes), truncate, use_cache=use_cache)
+
+    def image_to_text(self, codes, sampler=None, question=None, use_cache=True, **changes):
+        """codes [B, grid, grid] -> list of dicts(text, ids, score, logprob) (see Decoding.decode_text)."""
+        return self.decode_text(codes, self.settings(sampler, **changes), question, use_cache=use_cache)
 
     # ---- scoring and reranking --------------------------------------------------------------------------
     @paddle.no_grad()
     def caption_logprob(self, codes, texts):
         """Sum of log p(text | image) for each (codes[i], texts[i]) pair, [SEP] included."""
         self.m.eval()
-        codes = np.asarray(codes).reshape([len(texts), -1]).astype(np.int64)
-        src, valid_t = self.text_source(texts, truncate=True)
-        lens = valid_t.sum(1)
-        L = self.c.max_text_len
-        inp = np.concatenate([np.full([len(texts), 1], self.tok.bos_id), src[:, :-1]], 1)
-        ids = np.concatenate([codes, inp], 1)
-        valid = np.concatenate([np.ones(codes.shape, bool), np.arange(L)[None] < lens[:, None]], 1)
-        logits, _ = self.m(paddle.to_tensor(ids), valid, self.i2t_layout)
-        logp = F.log_softmax(logits[..., :self.tok.vocab_size].astype("float32"), -1).numpy()
-        tok_lp = np.take_along_axis(logp, src[:, :, None], -1)[:, :, 0]
-        return (tok_lp * (np.arange(L)[None] < lens[:, None])).sum(1)
+        text, valid_t = self.seq.text(texts, truncate=True)
+        ids, valid, _ = self.seq.image_to_text(codes, text=(text, valid_t))
+        logits, _ = self.m(paddle.to_tensor(ids), valid, self.layouts["i2t"])
+        logp = F.log_softmax(logits[..., :self.seq.tok.vocab_size].astype("float32"), -1).numpy()
+        tok_lp = np.take_along_axis(logp, text[:, :, None], -1)[:, :, 0]
+        return (tok_lp * valid_t).sum(1)
 
     def rerank(self, texts, candidates, scorer=None, images=None):
         """candidates [len(texts), N, grid, grid] -> (order [len(texts), N] best first, scores [len(texts), N]).
@@ -128,4 +127,5 @@ def load_scorer(spec):
         raise ValueError(f"cannot load the scorer {spec!r}: {e}") from None
 
 
-__all__ = ["Generator", "Decoder", "filter_logits", "sample_from", "load_scorer", "IMAGE_TGT", "TEXT_TGT"]
+__all__ = ["Generator", "DygraphDecoder", "SamplerSettings", "filter_logits", "sample_from", "load_scorer",
+           "IMAGE_TGT", "TEXT_TGT"]

@@ -7,6 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ppvilg.utils.runtime import setup_device  # noqa: E402
+import ppvilg.engine.tasks  # noqa: E402,F401  (registers the tasks ppvilg.config loads configs for)
 
 setup_device("cpu", 2)
 
@@ -15,6 +16,7 @@ setup_device("cpu", 2)
 def tiny_shards(tmp_path_factory):
     """Code shards of shapes images from a (randomly initialised) tiny VQ: 8x8 codes, 64 values."""
     from ppvilg.config import load_config
+    from ppvilg.data.datasets import build_dataset
     from ppvilg.data.shards import tokenize_to_shards
     from ppvilg.engine.tasks import build_task
     from ppvilg.utils.runtime import seed_everything
@@ -25,7 +27,7 @@ def tiny_shards(tmp_path_factory):
     vq = build_task(vq_cfg).model
     vq.eval()
     for split, out in (("train", "train"), ("eval", "eval")):
-        tokenize_to_shards(vq, str(root), vq_cfg.Data[split], 16, str(root / out), 64, 32)
+        tokenize_to_shards(vq, str(root), build_dataset(vq_cfg.Data[split], 16), str(root / out), 64, 32)
     return root
 
 
@@ -35,21 +37,22 @@ def run_dirs(tmp_path_factory):
     import numpy as np
     from ppvilg.config import load_config
     from ppvilg.data.images import write_png
+    from ppvilg.data.datasets import build_dataset
     from ppvilg.data.shards import tokenize_to_shards
     from ppvilg.engine.tasks import build_task
     from ppvilg.engine.trainer import Trainer
-    from ppvilg.engine.vqgan_task import load_vqgan
+    from ppvilg.engine.vqgan_task import load_image_tokenizer
     from ppvilg.utils.runtime import seed_everything
     root = tmp_path_factory.mktemp("pipeline")
     seed_everything(0)
     vq_cfg = load_config(os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml"),
                          [f"Global.output_dir={root / 'vq'}", "Train.max_steps=2", "Data.eval.num_samples=16"])
     Trainer(vq_cfg, build_task(vq_cfg)).fit()
-    vq, _, folder = load_vqgan(str(root / "vq"))
+    vq, _, folder = load_image_tokenizer(str(root / "vq"))
     for split in ("train", "eval"):
-        tokenize_to_shards(vq, folder, vq_cfg.Data[split], 16, str(root / "codes" / split), 64, 32)
+        tokenize_to_shards(vq, folder, build_dataset(vq_cfg.Data[split], 16), str(root / "codes" / split), 64, 32)
     cfg = load_config(os.path.join(ROOT, "configs/tests/vilg_tiny.yaml"),
-                      [f"Global.output_dir={root / 'vilg'}", f"Tokenizer.checkpoint={root / 'vq'}",
+                      [f"Global.output_dir={root / 'vilg'}", f"ImageTokenizer.checkpoint={root / 'vq'}",
                        f"Data.train.path={root / 'codes' / 'train'}", f"Data.eval.path={root / 'codes' / 'eval'}",
                        "Train.max_steps=2"])
     Trainer(cfg, build_task(cfg)).fit()

@@ -26,7 +26,7 @@ def main():
         import cpu_collectives
         cpu_collectives.install()
     par = init_parallel(cfg, cpu_collectives_installed=stand_in)
-    trainer = Trainer(cfg, build_task(cfg))
+    trainer = Trainer(cfg, build_task(cfg, par))
     trainer.fit()
     with open(os.path.join(cfg.Global.output_dir, f"history.rank{par.rank}.json"), "w") as f:
         json.dump(trainer.history, f)

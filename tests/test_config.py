@@ -7,6 +7,7 @@ import yaml
 
 from conftest import ROOT
 from ppvilg.config import ConfigError, load_config, load_resolved, parse_override, save_config
+from ppvilg.distributed.env import ParallelState
 from ppvilg.engine.tasks import build_task
 
 TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
@@ -86,5 +87,39 @@ def test_every_config_loads_and_builds(path, tmp_path):
         _random_vgg_weights(tmp_path / "vgg16.pdparams")
         overrides.append(f"Loss.perceptual_weights={tmp_path / 'vgg16.pdparams'}")
     with paddle.LazyGuard():  # parameters are declared, not allocated: the 10B preset builds in MBs
-        task = build_task(load_config(path, overrides))
+        task = build_task(load_config(path, overrides), ParallelState.single())   # the model of one process
     assert sum(p.size for p in task.modules()["model"].parameters()) > 0
+
+
+VILG_TINY = os.path.join(ROOT, "configs/tests/vilg_tiny.yaml")
+
+
+def test_the_renamed_image_tokenizer_section_still_loads_with_a_deprecation_message(tmp_path):
+    with pytest.warns(FutureWarning, match="'Tokenizer' is now 'ImageTokenizer'"):
+        cfg = load_config(VILG_TINY, ["Tokenizer.checkpoint=some/vq"])
+    assert cfg.ImageTokenizer.checkpoint == "some/vq" and "Tokenizer" not in cfg
+    with pytest.raises(ConfigError, match="both 'Tokenizer' and its new name 'ImageTokenizer'"):
+        load_config(VILG_TINY, ["Tokenizer.checkpoint=a", "ImageTokenizer.checkpoint=b"])
+    # a checkpoint's config.yaml written before the rename reads with the new name
+    old = load_config(VILG_TINY, ["ImageTokenizer.checkpoint=old/vq"]).to_dict()
+    old["Tokenizer"] = old.pop("ImageTokenizer")
+    with open(tmp_path / "config.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(old, f)
+    assert load_resolved(str(tmp_path / "config.yaml")).ImageTokenizer.checkpoint == "old/vq"
+
+
+def test_bad_eval_sampler_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="Eval: sampler setting 'top_p' must be a number in"):
+        load_config(VILG_TINY, ["Eval.top_p=0"])
+
+
+def test_config_without_registered_tasks_says_what_to_import():
+    """ppvilg.config imports no training code: tasks register themselves; a process that has imported none is
+    told what to import."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, '.'); from ppvilg.config import load_config, ConfigError\n"
+            "try:\n    load_config('configs/tests/vilg_tiny.yaml')\nexcept ConfigError as e:\n    print(e)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ppvilg.engine')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "import ppvilg.engine.tasks first" in r.stdout and r.stdout.strip().endswith("[]"), r.stdout + r.stderr

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ppvilg.config import DATASET_DEFAULTS, _to_config
+from ppvilg.config import DATASET_DEFAULTS, to_config
 from ppvilg.data.datasets import ResumableBatchSampler, build_dataset, collate_pairs
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop
 from ppvilg.data.pairs import ManifestError, read_coco_captions, read_manifest
@@ -98,7 +98,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     lines = [{"image": "good.png", "text": "a"}, {"image": "bad.png", "text": "b"},
              {"image": "gone.png", "text": "c"}, {"image": "good.png", "text": "d"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    ds = build_dataset(_to_config(dict(DATASET_DEFAULTS, source="manifest", path=str(tmp_path / "m.jsonl"))), 16)
+    ds = build_dataset(to_config(dict(DATASET_DEFAULTS, source="manifest", path=str(tmp_path / "m.jsonl"))), 16)
     batch = collate_pairs([ds[i] for i in range(4)])
     assert batch["image"].shape == (2, 3, 16, 16) and batch["text"] == ["a", "d"]
     assert len(batch["skipped"]) == 2 and "bad.png" in batch["skipped"][0] and "gone.png" in batch["skipped"][1]

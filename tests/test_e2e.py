@@ -11,14 +11,14 @@ from ppvilg.config import ConfigError, load_config
 from ppvilg.data.datasets import build_dataset, collate_pairs
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
-from ppvilg.pipeline import ViLGPipeline
+from ppvilg.inference import ViLGInference
 from ppvilg.utils.runtime import seed_everything
 
 TINY = os.path.join(ROOT, "configs/tests/vilg_tiny.yaml")
 
 
 def _cfg(run_dirs, out, *extra):
-    return load_config(TINY, [f"Global.output_dir={out}", f"Tokenizer.checkpoint={run_dirs / 'vq'}",
+    return load_config(TINY, [f"Global.output_dir={out}", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}",
                               "Data.image_size=16", "Data.train.source=shapes", "Data.train.num_samples=32",
                               "Data.eval.source=shapes", "Data.eval.split=heldout", "Data.eval.num_samples=8",
                               "Loss.end_to_end=true", *extra])
@@ -54,7 +54,7 @@ def test_reconstruction_loss_reaches_the_transformer(run_dirs, tmp_path):
     assert float(rec["mapping.0.weight"].grad.abs().max()) > 0 and float(rec["decoder.conv_out.weight"].grad.abs().max()) > 0
     # the reconstructor starts from the stage-1 decoder
     np.testing.assert_array_equal(task.reconstructor.decoder.conv_out.weight.numpy(),
-                                  task.vq.decoder.conv_out.weight.numpy())
+                                  task.image_tokenizer.decoder.conv_out.weight.numpy())
 
 
 def test_end_to_end_checkpoint_drives_inference(run_dirs, tmp_path):
@@ -62,20 +62,20 @@ def test_end_to_end_checkpoint_drives_inference(run_dirs, tmp_path):
     seed_everything(0)
     metrics = Trainer(cfg, build_task(cfg)).fit()
     assert np.isfinite(metrics["recon_loss"])
-    pipe = ViLGPipeline.from_checkpoint(str(tmp_path))
+    pipe = ViLGInference.from_checkpoint(str(tmp_path))
     assert pipe.reconstructor == "end_to_end"
-    images, codes, _ = pipe.text_to_image(["红色圆形"], num_candidates=2, top_k=4)
+    images, codes, _ = pipe.text_to_image(["红色圆形"], candidates=2, top_k=4)
     assert images.shape == (1, 2, 16, 16, 3) and images.dtype == np.uint8
-    plain = ViLGPipeline.from_checkpoint(str(tmp_path), use_e2e=False)
+    plain = ViLGInference.from_checkpoint(str(tmp_path), use_e2e=False)
     assert plain.reconstructor == "vq_decoder"
     assert not np.array_equal(plain.decode(codes), images)  # a different decoder made them
 
 
 def test_end_to_end_needs_images(run_dirs, tmp_path):
     with pytest.raises(ConfigError, match="holds codes only"):
-        load_config(TINY, [f"Tokenizer.checkpoint={run_dirs / 'vq'}", "Loss.end_to_end=true"])
+        load_config(TINY, [f"ImageTokenizer.checkpoint={run_dirs / 'vq'}", "Loss.end_to_end=true"])
     with pytest.raises(ConfigError, match="trains in one process"):
-        load_config(TINY, [f"Tokenizer.checkpoint={run_dirs / 'vq'}", "Loss.end_to_end=true", "Data.train.source=shapes",
+        load_config(TINY, [f"ImageTokenizer.checkpoint={run_dirs / 'vq'}", "Loss.end_to_end=true", "Data.train.source=shapes",
                            "Distributed.world_size=2"])
-    with pytest.raises(ConfigError, match="needs Tokenizer.checkpoint"):
+    with pytest.raises(ConfigError, match="needs ImageTokenizer.checkpoint"):
         load_config(TINY, ["Loss.end_to_end=true", "Data.train.source=shapes"])

@@ -8,7 +8,7 @@ import skimage.data
 from scipy import linalg
 
 from conftest import ROOT
-from ppvilg.data.benchmarks import aic_icc, coco_captions, coco_cn, fmiqa, group_references
+from ppvilg.data.corpora import aic_icc, coco_captions, coco_cn, fmiqa, group_references
 from ppvilg.data.pairs import ManifestError
 from ppvilg.metrics.captions import caption_scores, tokenize
 from ppvilg.metrics.fid import cached_statistics, frechet_distance, statistics

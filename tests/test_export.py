@@ -12,10 +12,11 @@ import pytest
 
 from conftest import ROOT
 from ppvilg.export import export
-from ppvilg.pipeline import ViLGPipeline
+from ppvilg.inference import ViLGInference
 from ppvilg.config import load_config
 
 sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
+from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
 
 TOL = 1e-4
@@ -24,7 +25,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def exported(run_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
-    pipe = ViLGPipeline.from_checkpoint(str(run_dirs / "vilg"))
+    pipe = ViLGInference.from_checkpoint(str(run_dirs / "vilg"))
     cfg = load_config(os.path.join(ROOT, "configs/tests/vilg_tiny.yaml"), ["Eval.top_k=5"])
     export(pipe, cfg, str(out))
     return pipe, DeployPipeline(str(out), threads=1), out
@@ -34,7 +35,7 @@ def test_the_folder_is_self_contained(exported):
     _, dep, out = exported
     assert sorted(os.listdir(out)) == ["inference.yml", "masks.npz", "step_image", "step_text", "vocab.txt",
                                        "vq_decoder", "vq_encoder"]
-    assert dep.sampler["top_k"] == 5
+    assert dep.sampler.top_k == 5
     with pytest.raises(ExportError, match="inference.yml"):
         DeployPipeline(str(out / "step_text"))
 
@@ -46,9 +47,7 @@ def test_exported_steps_equal_dynamic_graph_logits(exported, direction):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 64, [2, 8, 8])
     if direction == "t2i":
-        src, valid_s = gen.text_source(["左上角有一个小红色圆形", "blue square"])
-        ids = np.concatenate([src, np.full([2, 1], gen.boi_id), codes.reshape(2, -1)[:, :-1]], 1)
-        valid = np.concatenate([valid_s, np.ones([2, 64], bool)], 1)
+        ids, valid, _ = gen.seq.text_to_image(gen.seq.text(["左上角有一个小红色圆形", "blue square"]), codes)
     else:
         dyn = gen._text_decoder(codes, None if direction == "i2t" else "什么颜色", {})
         ids, valid = dyn.ids.copy(), dyn.valid.copy()
@@ -66,17 +65,17 @@ def test_exported_steps_equal_dynamic_graph_logits(exported, direction):
 def test_deploy_generates_what_the_dynamic_graph_generates(exported, run_dirs):
     pipe, dep, _ = exported
     texts = ["左上角有一个小红色圆形", "a big blue square"]
-    want = pipe.gen.text_to_image(texts, num_candidates=2, top_k=5, cfg_scale=2.0, seed=7)
-    images, got = dep.text_to_image(texts, num_candidates=2, top_k=5, cfg_scale=2.0, seed=7)
+    want = pipe.gen.text_to_image(texts, candidates=2, top_k=5, cfg_scale=2.0, seed=7)
+    images, got = dep.text_to_image(texts, candidates=2, top_k=5, cfg_scale=2.0, seed=7)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(images, pipe.decode(want))
     np.testing.assert_array_equal(dep.encode(list(images[0])), pipe.encode(list(images[0])))
     for method in ("greedy", "beam"):
-        a = pipe.gen.image_to_text(want[:, 0], method=method, beam_size=3)
-        b = dep.decode_text(want[:, 0], method=method, beam_size=3)
+        a = pipe.gen.image_to_text(want[:, 0], caption_method=method, beam_size=3)
+        b = dep.decode_text(want[:, 0], SamplerSettings(caption_method=method, beam_size=3))
         assert [x["ids"] for x in a] == [x["ids"] for x in b]
-    a = pipe.gen.image_to_text(want[:, 0], question="什么颜色")
-    assert [x["ids"] for x in a] == [x["ids"] for x in dep.decode_text(want[:, 0], question="什么颜色")]
+    a = pipe.gen.image_to_text(want[:, 0], SamplerSettings(), question="什么颜色")
+    assert [x["ids"] for x in a] == [x["ids"] for x in dep.decode_text(want[:, 0], SamplerSettings(), question="什么颜色")]
 
 
 def test_deploy_cli_matches_tools_infer(exported, run_dirs):
@@ -88,7 +87,11 @@ def test_deploy_cli_matches_tools_infer(exported, run_dirs):
     b = subprocess.run([sys.executable, "deploy/python/infer.py", "--model-dir", str(out), "--image", img, "--json",
                         "--method", "greedy"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    assert json.loads(a.stdout.strip().splitlines()[-1])["text"] == json.loads(b.stdout.strip().splitlines()[-1])["text"]
+    ja, jb = json.loads(a.stdout.strip().splitlines()[-1]), json.loads(b.stdout.strip().splitlines()[-1])
+    assert ja["text"] == jb["text"]
+    # unset options: the checkpoint's Eval section vs the export's (exported with -o Eval.top_k=5)
+    assert ja["sampler"]["top_k"] == 0 and jb["sampler"]["top_k"] == 5
+    assert ja["sampler"]["caption_method"] == jb["sampler"]["caption_method"] == "greedy"
     # deployment never imports the training package
     probe = subprocess.run([sys.executable, "-c", f"""
 import sys
@@ -96,8 +99,8 @@ sys.path.insert(0, 'deploy/python')
 import cv2
 from ppvilg_deploy.predictor import DeployPipeline
 p = DeployPipeline({str(out)!r}, threads=1)
-p.caption([cv2.imread({img!r})[:, :, ::-1]], method='greedy')
-p.text_to_image(['红色'], num_candidates=1)
+p.caption([cv2.imread({img!r})[:, :, ::-1]], caption_method='greedy')
+p.text_to_image(['红色'], candidates=1)
 assert not [m for m in sys.modules if m == 'ppvilg' or m.startswith('ppvilg.')], 'imported ppvilg'
 print('ok')
 """], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

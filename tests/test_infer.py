@@ -35,6 +35,21 @@ def test_infer_caption_and_answer(run_dirs):
     assert json.loads(r.stdout.strip().splitlines()[-1])["question"] == "什么颜色"
 
 
+def test_infer_takes_its_sampler_defaults_from_the_checkpoint(run_dirs):
+    from ppvilg.config import load_resolved
+    from ppvilg.engine.checkpoint import resolve_checkpoint
+    from ppvilg_deploy.decoding import SamplerSettings
+    ev = load_resolved(os.path.join(resolve_checkpoint(str(run_dirs / "vilg")), "config.yaml")).Eval
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(run_dirs / "red.png"), "--json",
+             "--max-len", "3", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    used = json.loads(r.stdout.strip().splitlines()[-1])["sampler"]
+    assert used == SamplerSettings.from_mapping(ev).replace(max_len=3, temperature=0.0).to_dict()
+    assert used["temperature"] == 0.0 and used["caption_method"] == ev.caption_method
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--text", "红色", "--top-p", "0")
+    assert r.returncode == 2 and "'top_p' must be a number in (0, 1]" in r.stderr
+
+
 def test_infer_errors_are_clear(run_dirs, tmp_path):
     r = _run("tools/infer.py", str(tmp_path / "nope"), "--text", "x")
     assert r.returncode == 2 and "not a ppvilg checkpoint" in r.stderr
@@ -49,7 +64,7 @@ def test_infer_errors_are_clear(run_dirs, tmp_path):
 
 def test_shapes_report_keys(run_dirs, tmp_path):
     r = _run("tools/shapes_report.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", f"Global.output_dir={run_dirs / 'vilg'}",
-             "-o", f"Data.eval.path={run_dirs / 'codes' / 'eval'}", "-o", f"Tokenizer.checkpoint={run_dirs / 'vq'}",
+             "-o", f"Data.eval.path={run_dirs / 'codes' / 'eval'}", "-o", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}",
              "--out", str(tmp_path), "--num-prompts", "4", "--candidates", "2")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -63,7 +78,7 @@ def test_shapes_report_keys(run_dirs, tmp_path):
                     reason="FID weights absent (python tools/get_fid_weights.py; .ci/run fetches them)")
 def test_eval_tool_fid_and_caption_metrics(run_dirs, tmp_path):
     r = _run("tools/eval.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", f"Global.output_dir={run_dirs / 'vilg'}",
-             "-o", f"Tokenizer.checkpoint={run_dirs / 'vq'}", "-o", "Data.eval.source=shapes",
+             "-o", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}", "-o", "Data.eval.source=shapes",
              "-o", "Data.eval.split=heldout", "-o", "Data.eval.num_samples=16", "-o", "Eval.num_samples=16",
              "-o", f"Eval.fid_cache={tmp_path}", "-o", "Eval.caption_method=greedy", "--task", "all")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from ppvilg.distributed.planner import GIB, Layout, candidates, memory, plan
+from ppvilg.distributed.planner import GIB, ParallelLayout, candidates, memory, plan
 from ppvilg.models.vilg import ViLGConfig, count_parameters
 
 # d=8, ffn 32, 2 layers: per layer 32 (2 LN) + 216 (q,k,v) + 72 (proj) + 288 + 264 (MLP) = 872;
@@ -18,7 +18,7 @@ def test_parameter_count_of_the_hand_case():
 
 
 def test_single_gpu_no_recompute():
-    m = memory(SMALL, Layout(micro_batch=2))
+    m = memory(SMALL, ParallelLayout(micro_batch=2))
     # S = 4 + 4 = 8; per layer 8*2*8*(10+24) + 5*2*8*8*2 = 4352 + 1280 = 5632; x2 directions x2 layers
     assert (m["weights"], m["gradients"], m["optimizer"]) == (4272, 4272, 25632)
     assert m["activations"] == 22528
@@ -27,7 +27,7 @@ def test_single_gpu_no_recompute():
 
 
 def test_tensor_parallel_sharding_stage3_recompute():
-    m = memory(SMALL, Layout(mp=2, sharding=4, stage=3, recompute=True))
+    m = memory(SMALL, ParallelLayout(mp=2, sharding=4, stage=3, recompute=True))
     # P/mp = 1068; stage 3 divides weights, gradients and optimizer states by 4; recompute keeps 2*S*b*h per layer
     assert (m["weights"], m["gradients"], m["optimizer"]) == (534, 534, 3204)
     assert m["activations"] == 2 * (2 * 8 * 1 * 8) * 2 == 512
@@ -35,10 +35,10 @@ def test_tensor_parallel_sharding_stage3_recompute():
 
 
 def test_stages_and_offload_and_pipeline():
-    s1, s2 = memory(SMALL, Layout(sharding=2, stage=1)), memory(SMALL, Layout(sharding=2, stage=2))
+    s1, s2 = memory(SMALL, ParallelLayout(sharding=2, stage=1)), memory(SMALL, ParallelLayout(sharding=2, stage=2))
     assert s1["gradients"] == 4272 and s2["gradients"] == 2136 and s1["optimizer"] == s2["optimizer"] == 12816
-    assert memory(SMALL, Layout(offload=True))["optimizer"] == 0
-    pp = memory(SMALL, Layout(pp=2))
+    assert memory(SMALL, ParallelLayout(offload=True))["optimizer"] == 0
+    pp = memory(SMALL, ParallelLayout(pp=2))
     # half the parameters; the first stage keeps 2 micro-batches of its 1 layer in flight
     assert pp["weights"] == 2136 and pp["activations"] == 2 * 2816 * 1 * 2 and pp["total"] == 29120
 

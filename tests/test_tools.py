@@ -9,10 +9,11 @@ import pytest
 
 from conftest import ROOT
 from ppvilg.config import load_config
+from ppvilg.data.datasets import build_dataset
 from ppvilg.data.shards import CodeShards, ShardError, tokenize_to_shards
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
-from ppvilg.engine.vqgan_task import load_vqgan
+from ppvilg.engine.vqgan_task import load_image_tokenizer
 
 TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
 
@@ -45,11 +46,11 @@ def test_train_and_eval_tools_end_to_end(tiny_run, tmp_path):
 
 def test_tokenize_shards_resume_after_interruption(tiny_run, tmp_path):
     cfg = load_config(TINY, [f"Global.output_dir={tiny_run}", "Data.train.num_samples=21"])
-    model, _, folder = load_vqgan(str(tiny_run))
+    model, _, folder = load_image_tokenizer(str(tiny_run))
     full, part = tmp_path / "full", tmp_path / "part"
-    index = tokenize_to_shards(model, folder, cfg.Data.train, 16, str(full), shard_size=8, batch_size=4)
+    index = tokenize_to_shards(model, folder, build_dataset(cfg.Data.train, 16), str(full), shard_size=8, batch_size=4)
     assert index["complete"] and index["num_items"] == 21 and [s["count"] for s in index["shards"]] == [8, 8, 5]
-    tokenize_to_shards(model, folder, cfg.Data.train, 16, str(part), shard_size=8, batch_size=4)
+    tokenize_to_shards(model, folder, build_dataset(cfg.Data.train, 16), str(part), shard_size=8, batch_size=4)
     # simulate a run that stopped after its first shard
     idx = json.loads((part / "index.json").read_text())
     for s in idx["shards"][1:]:
@@ -58,18 +59,17 @@ def test_tokenize_shards_resume_after_interruption(tiny_run, tmp_path):
     (part / "index.json").write_text(json.dumps(idx))
     with pytest.raises(ShardError, match="incomplete"):
         CodeShards(str(part))
-    tokenize_to_shards(model, folder, cfg.Data.train, 16, str(part), shard_size=8, batch_size=4)
+    tokenize_to_shards(model, folder, build_dataset(cfg.Data.train, 16), str(part), shard_size=8, batch_size=4)
     a, b = CodeShards(str(full)), CodeShards(str(part))
     assert len(a) == len(b) == 21 and (a.codes == b.codes).all() and a.text == b.text
     item = a.item(20)
     assert item["index"] == 20 and set(item["meta"]) == {"color", "shape", "position", "size"}
-    from ppvilg.data.datasets import build_dataset
     x = paddle.to_tensor(build_dataset(cfg.Data.train, 16)[20]["image"][None])
     assert (model.encode(x).numpy()[0] == item["codes"]).all()
     other = load_config(TINY, [f"Global.output_dir={tiny_run}", "Data.train.num_samples=5"])
     with pytest.raises(ShardError, match="another tokenizer"):
-        tokenize_to_shards(model, folder, other.Data.train, 16, str(full), shard_size=8, batch_size=4)
-    index = tokenize_to_shards(model, folder, other.Data.train, 16, str(full), shard_size=8, batch_size=4,
+        tokenize_to_shards(model, folder, build_dataset(other.Data.train, 16), str(full), shard_size=8, batch_size=4)
+    index = tokenize_to_shards(model, folder, build_dataset(other.Data.train, 16), str(full), shard_size=8, batch_size=4,
                                overwrite=True)
     assert index["num_items"] == 5 and len(CodeShards(str(full))) == 5
     assert sorted(os.listdir(full)) == ["index.json", "shard_00000.npz"]

@@ -9,7 +9,7 @@ from ppvilg.config import load_config
 from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, resolve_checkpoint
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
-from ppvilg.engine.vqgan_task import VQGANTask, load_vqgan
+from ppvilg.engine.vqgan_task import load_image_tokenizer
 from ppvilg.utils.runtime import seed_everything
 
 TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
@@ -48,7 +48,7 @@ def test_tiny_vq_loss_falls_and_codebook_is_used(tmp_path):
 
 
 def test_generator_phase_does_not_train_the_discriminator(tmp_path):
-    task = VQGANTask(_cfg(tmp_path))
+    task = build_task(_cfg(tmp_path))
     batch = {"image": paddle.uniform([2, 3, 16, 16], min=-1, max=1)}
     trainable = [not p.stop_gradient for p in task.disc.parameters()]
     loss, logs = task.phase_loss("generator", batch, step=10)  # past disc_start: GAN term included
@@ -96,7 +96,7 @@ def test_checkpoint_folder_round_trip_and_strict_loading(tmp_path):
     folder = resolve_checkpoint(str(tmp_path))
     assert sorted(os.listdir(folder)) == ["config.yaml", "disc.pdparams", "discriminator.pdopt",
                                           "generator.pdopt", "model.pdparams", "rng.pkl", "trainer_state.json"]
-    model, ckpt_cfg, _ = load_vqgan(str(tmp_path))
+    model, ckpt_cfg, _ = load_image_tokenizer(str(tmp_path))
     assert ckpt_cfg.Model == trainer.cfg.Model
     for k, v in trainer.task.model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), model.state_dict()[k].numpy())

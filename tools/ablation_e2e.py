@@ -34,7 +34,8 @@ from ppvilg.engine.tasks import build_task  # noqa: E402
 from ppvilg.engine.trainer import Trainer  # noqa: E402
 from ppvilg.metrics.recon import psnr, ssim  # noqa: E402
 from ppvilg.metrics.shapes_reader import attribute_accuracy, read_image  # noqa: E402
-from ppvilg.pipeline import ViLGPipeline  # noqa: E402
+from ppvilg.inference import ViLGInference  # noqa: E402
+from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,14 +90,14 @@ def main(argv=None):
     items = [held.item(i) for i in range(n)]
     prompts, truth = [it["text"] for it in items], [it["meta"] for it in items]
     real_codes = np.stack([it["codes"] for it in items])[:, None]
-    two = ViLGPipeline.from_checkpoint(os.path.join(a.out, "two_stage"))
-    e2e = ViLGPipeline.from_checkpoint(os.path.join(a.out, "end_to_end"))
-    ds = build_dataset(two.vq_cfg.Data.eval, two.image_size)
+    two = ViLGInference.from_checkpoint(os.path.join(a.out, "two_stage"))
+    e2e = ViLGInference.from_checkpoint(os.path.join(a.out, "end_to_end"))
+    ds = build_dataset(two.image_tokenizer_cfg.Data.eval, two.image_size)
     real = [to_uint8_image(ds[i]["image"]) for i in range(n)]
     if [ds[i]["text"] for i in range(n)] != prompts:
         sys.exit(f"{a.heldout} does not hold the stage-1 config's held-out split in order; re-run tokenize_images")
 
-    sampling = dict(num_candidates=1, top_k=8, cfg_scale=2.0, seed=0)
+    sampling = SamplerSettings(candidates=1, top_k=8, cfg_scale=2.0, seed=0)
     rows = []
 
     def row(generator, reconstructor, images, recon_of_real=None):
@@ -108,9 +109,9 @@ def main(argv=None):
         log.info(f"{generator} + {reconstructor}: accuracy {acc:.3f}")
         return r
 
-    codes_two = two.gen.text_to_image(prompts, **sampling)
+    codes_two = two.gen.text_to_image(prompts, sampling)
     row("two-stage", "VQ decoder", two.decode(codes_two)[:, 0])
-    codes_e2e = e2e.gen.text_to_image(prompts, **sampling)
+    codes_e2e = e2e.gen.text_to_image(prompts, sampling)
     row("end-to-end", "VQ decoder", e2e.decode(codes_e2e)[:, 0])
     row("end-to-end", "end-to-end", e2e.reconstruct_e2e(prompts, codes_e2e)[:, 0])
     real_rows = []
@@ -120,7 +121,7 @@ def main(argv=None):
         real_rows.append({"reconstructor": name, "psnr": psnr(real, list(images)), "ssim": ssim(real, list(images)),
                           "attribute_accuracy": acc, "fid": fid_or_none(list(images), real)})
 
-    result = {"steps": a.steps, "prompts": n, "sampling": sampling, "train_seconds": seconds,
+    result = {"steps": a.steps, "prompts": n, "sampling": sampling.to_dict(), "train_seconds": seconds,
               "final_eval": runs, "generated": rows, "real_tokens": real_rows}
     os.makedirs(a.out, exist_ok=True)
     atomic_write_json(os.path.join(a.out, "ablation.json"), result)

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import paddle  # noqa: E402
 
 from ppvilg.distributed import convert  # noqa: E402
+from ppvilg.models.vilg import parallel_layout_errors  # noqa: E402
+from ppvilg.registry import model_config  # noqa: E402
 from ppvilg.engine.checkpoint import CheckpointError, read_meta, resolve_checkpoint  # noqa: E402
 from ppvilg.utils.io import AtomicDir, atomic_write_json  # noqa: E402
 
@@ -36,10 +38,12 @@ def main(argv=None):
         if meta.get("model") != "vilg":
             raise CheckpointError(f"{src}: a '{meta.get('model')}' checkpoint; only the stage-2 transformer "
                                   "(vilg) trains in parallel layouts")
+        errors = parallel_layout_errors(model_config(cfg.Model), a.mp, a.pp)
+        if errors:
+            raise CheckpointError(f"--mp {a.mp} --pp {a.pp} does not fit {src}: "
+                                  + "; ".join(msg + (f" ({hint})" if hint else "") for _, msg, hint in errors))
         full = convert.read_full_state(src)
         layers = cfg.Model.num_layers
-        if a.pp > layers:
-            raise CheckpointError(f"--pp {a.pp} exceeds the model's {layers} layers")
         with AtomicDir(a.dst) as tmp:
             for m in range(a.mp):
                 for s in range(a.pp):

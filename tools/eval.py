@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
-from ppvilg.config import _to_config  # noqa: E402
+from ppvilg.config import to_config  # noqa: E402
 from ppvilg.data.datasets import build_dataset  # noqa: E402
 from ppvilg.data.images import make_grid, write_png  # noqa: E402
 from ppvilg.engine.checkpoint import load_state_strict, read_meta, resolve_checkpoint  # noqa: E402
@@ -32,7 +32,7 @@ def reconstruction(cfg, folder, meta, ckpt_cfg, split):
     for section in ("Model", "Loss"):
         if section in ckpt_cfg:
             merged[section] = ckpt_cfg[section].to_dict()
-    task = build_task(_to_config(merged).freeze())
+    task = build_task(to_config(merged).freeze())
     load_state_strict(task.modules()["model"], os.path.join(folder, "model.pdparams"))
     task.eval()
     dataset = build_dataset(cfg.Data[split], cfg.Data.image_size)
@@ -42,19 +42,19 @@ def reconstruction(cfg, folder, meta, ckpt_cfg, split):
 
 def stage2(cfg, folder, split, which):
     from ppvilg.evaluation import evaluate_image_to_text, evaluate_text_to_image, image_caption_sets
-    from ppvilg.pipeline import ViLGPipeline
-    pipe = ViLGPipeline.from_checkpoint(folder)
+    from ppvilg.inference import ViLGInference
+    vilg = ViLGInference.from_checkpoint(folder)
     ev = cfg.Eval
-    images, refs, prompts, key = image_caption_sets(cfg.Data[split], pipe.image_size, ev.num_samples)
+    images, refs, prompts, key = image_caption_sets(cfg.Data[split], vilg.image_size, ev.num_samples)
     get_logger().info(f"evaluating {folder} on Data.{split}: {len(images)} images, "
                       f"{sum(len(r) for r in refs.values())} captions")
     results, grids = {}, {}
     if which in ("t2i", "all"):
-        metrics, generated = evaluate_text_to_image(pipe, images, prompts, ev, key)
+        metrics, generated = evaluate_text_to_image(vilg, images, prompts, ev, key)
         results["t2i"] = metrics
         grids["t2i_generated"] = make_grid(generated[:16], 8)
     if which in ("i2t", "all"):
-        metrics, caps = evaluate_image_to_text(pipe, images, refs, ev)
+        metrics, caps = evaluate_image_to_text(vilg, images, refs, ev)
         results["i2t"] = dict(metrics, examples=[{"caption": c["text"], "references": refs[i]}
                                                  for i, c in enumerate(caps[:5])])
     return results, grids

@@ -24,16 +24,16 @@ def main(argv=None):
     cfg = load_or_exit(a)
     setup_from_config(cfg)
     from ppvilg.export import export
-    from ppvilg.pipeline import ViLGPipeline
+    from ppvilg.inference import ViLGInference
     if not cfg.Global.checkpoint:
         sys.exit("export_model: set -o Global.checkpoint=<stage-2 checkpoint folder>")
     try:
-        pipe = ViLGPipeline.from_checkpoint(cfg.Global.checkpoint)
+        vilg = ViLGInference.from_checkpoint(cfg.Global.checkpoint)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"export_model: {e}")
     out = a.out or os.path.join(cfg.Global.output_dir, "export")
-    export(pipe, cfg, out)
-    get_logger().info(f"exported {pipe.folder} -> {out}")
+    export(vilg, cfg, out)
+    get_logger().info(f"exported {vilg.folder} -> {out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
   python tools/infer.py output/demo/vilg --text "左上角有一个小红色圆形" --num 8 --rerank --out output/infer
   python tools/infer.py output/demo/vilg --image picture.png                  # caption
   python tools/infer.py output/demo/vilg --image picture.png --question "是什么颜色"   # answer
-  add --json for one JSON object on stdout
+  add --json for one JSON object on stdout (with the sampler settings used)
+
+Sampler options not given take the checkpoint's defaults: its config's Eval section (as an export of it does).
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ import cv2  # noqa: E402
 from ppvilg.data.images import BadImageError, make_grid, write_png  # noqa: E402
 from ppvilg.engine.checkpoint import CheckpointError  # noqa: E402
 from ppvilg.text.tokenizer import TextTooLongError  # noqa: E402
+from ppvilg_deploy.cli import add_sampler_arguments, sampler_changes  # noqa: E402
 
 
 def parse(argv):
@@ -26,22 +29,13 @@ def parse(argv):
     p.add_argument("--text", help="prompt for text->image")
     p.add_argument("--image", help="image to caption, or to ask --question about")
     p.add_argument("--question", help="question about --image (generative VQA)")
-    p.add_argument("--num", type=int, default=4, help="text->image: candidates to sample")
     p.add_argument("--rerank", action="store_true", help="text->image: order candidates by the model's own "
                    "image->text likelihood of the prompt")
     p.add_argument("--scorer", help="text->image: rerank with module:function(texts, images) -> scores instead")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"], help="caption decoding")
-    p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--out", default="output/infer", help="text->image: folder for the PNGs and the grid")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_sampler_arguments(p, "the checkpoint's Eval section")
     a = p.parse_args(argv)
     if bool(a.text) == bool(a.image):
         p.error("give either --text (text->image) or --image (captioning / VQA with --question)")
@@ -53,13 +47,13 @@ def parse(argv):
 def main(argv=None):
     a = parse(argv)
     setup_device(a.device)
-    from ppvilg.pipeline import ViLGPipeline
+    from ppvilg.inference import ViLGInference
     try:
-        pipe = ViLGPipeline.from_checkpoint(a.checkpoint)
+        vilg = ViLGInference.from_checkpoint(a.checkpoint)
+        settings = vilg.sampler.replace(**sampler_changes(a))
         if a.text:
-            images, codes, scores = pipe.text_to_image(
-                [a.text], num_candidates=a.num, rerank=a.rerank or bool(a.scorer), scorer=a.scorer,
-                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, seed=a.seed)
+            images, codes, scores = vilg.text_to_image([a.text], rerank=a.rerank or bool(a.scorer), scorer=a.scorer,
+                                                       sampler=settings)
             paths = []
             for k, im in enumerate(images[0]):
                 paths.append(os.path.abspath(os.path.join(a.out, f"{k:02d}.png")))
@@ -68,15 +62,15 @@ def main(argv=None):
             big = [cv2.resize(im, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for im in images[0]]
             grid = os.path.abspath(os.path.join(a.out, "grid.png"))
             write_png(grid, make_grid(big, min(4, len(big))))
-            result = {"text": a.text, "images": paths, "grid": grid, "reconstructor": pipe.reconstructor,
+            result = {"text": a.text, "images": paths, "grid": grid, "reconstructor": vilg.reconstructor,
                       "scores": None if scores is None else [float(s) for s in scores[0]]}
         else:
-            images = pipe.load_images([a.image])
-            kw = dict(method=a.method, beam_size=a.beam_size, length_penalty=a.length_penalty, max_len=a.max_len,
-                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-            out = pipe.answer(images, a.question, **kw)[0] if a.question else pipe.caption(images, **kw)[0]
+            images = vilg.load_images([a.image])
+            out = (vilg.answer(images, a.question, sampler=settings) if a.question
+                   else vilg.caption(images, sampler=settings))[0]
             result = {"image": a.image, "question": a.question, "text": out["text"], "score": out["score"]}
-    except (CheckpointError, BadImageError, TextTooLongError, FileNotFoundError) as e:
+        result["sampler"] = settings.to_dict()
+    except (CheckpointError, BadImageError, TextTooLongError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if a.json:

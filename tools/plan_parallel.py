@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ppvilg.utils.runtime  # noqa: E402,F401  (quiet imports first)
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
-from ppvilg.distributed.planner import GIB, Layout, memory, plan  # noqa: E402
+from ppvilg.distributed.planner import GIB, ParallelLayout, memory, plan  # noqa: E402
 from ppvilg.models.vilg import count_parameters  # noqa: E402
 from ppvilg.registry import model_config  # noqa: E402
 
@@ -36,7 +36,7 @@ def main(argv=None):
     print(f"{cfg.Model.preset or 'custom'} model: {count_parameters(model) / 1e9:.2f}B parameters; {a.gpus} GPUs x "
           f"{a.gpu_mem:g} GiB (usable {a.usable:.0%}); {len(fits)} of {len(rows)} layouts fit")
     d = cfg.Distributed
-    own = Layout(d.dp_degree, d.mp_degree, d.pp_degree, d.sharding_degree, d.sharding_stage,
+    own = ParallelLayout(d.dp_degree, d.mp_degree, d.pp_degree, d.sharding_degree, d.sharding_stage,
                  d.recompute != "none", d.offload, cfg.Train.rank_batch_size)
     own_mem = memory(model, own)
     verdict = "fits" if own_mem["total"] <= a.gpu_mem * GIB * a.usable else "does NOT fit"

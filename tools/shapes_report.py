@@ -26,7 +26,8 @@ from ppvilg.data.shapes import TEMPLATES, caption  # noqa: E402
 from ppvilg.data.shards import CodeShards  # noqa: E402
 from ppvilg.metrics.captions import caption_scores  # noqa: E402
 from ppvilg.metrics.shapes_reader import attribute_accuracy, read_caption, read_image  # noqa: E402
-from ppvilg.pipeline import ViLGPipeline  # noqa: E402
+from ppvilg.inference import ViLGInference  # noqa: E402
+from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg.utils.io import atomic_write_json  # noqa: E402
 
 
@@ -55,16 +56,17 @@ def main(argv=None):
     log = get_logger()
     if cfg.Data.eval.source != "shards":
         sys.exit("shapes_report needs Data.eval.source: shards of the held-out shapes (tools/tokenize_images.py)")
-    pipe = ViLGPipeline.from_checkpoint(cfg.Global.checkpoint or cfg.Global.output_dir)
+    vilg = ViLGInference.from_checkpoint(cfg.Global.checkpoint or cfg.Global.output_dir)
     held = CodeShards(cfg.Data.eval.path)
     n = min(args.num_prompts, len(held) - args.start)
     items = [held.item(i) for i in range(args.start, args.start + n)]
     prompts, truth = [it["text"] for it in items], [it["meta"] for it in items]
 
     t0 = time.time()
-    images, codes, scores = pipe.text_to_image(prompts, num_candidates=args.candidates, rerank=args.candidates > 1,
-                                               temperature=args.temperature, top_k=args.top_k,
-                                               cfg_scale=args.cfg_scale, seed=args.seed)
+    sampler = SamplerSettings(candidates=args.candidates, temperature=args.temperature, top_k=args.top_k,
+                              cfg_scale=args.cfg_scale, seed=args.seed, caption_method="beam" if args.beam > 1 else
+                              "greedy", beam_size=args.beam)
+    images, codes, scores = vilg.text_to_image(prompts, rerank=args.candidates > 1, sampler=sampler)
     t_t2i = time.time() - t0
     best = images[:, 0]
     read = [read_image(im) for im in best]
@@ -76,8 +78,7 @@ def main(argv=None):
     write_png(os.path.join(args.out, "t2i_grid.png"), make_grid(big, 8))
 
     t0 = time.time()
-    method = "beam" if args.beam > 1 else "greedy"
-    caps = pipe.gen.image_to_text(np.stack([it["codes"] for it in items]), method=method, beam_size=args.beam)
+    caps = vilg.gen.image_to_text(np.stack([it["codes"] for it in items]), sampler)
     t_i2t = time.time() - t0
     cap_read = [read_caption(c["text"]) for c in caps]
     cap_acc, cap_per = attribute_accuracy(cap_read, truth)
@@ -89,9 +90,9 @@ def main(argv=None):
     from ppvilg.metrics.recon import psnr
     from ppvilg.data.images import to_uint8_image
     real, recon = [], []
-    for batch in eval_batches(build_dataset(pipe.vq_cfg.Data.eval, pipe.image_size), 64):
+    for batch in eval_batches(build_dataset(vilg.image_tokenizer_cfg.Data.eval, vilg.image_size), 64):
         real += [to_uint8_image(a) for a in batch["image"]]
-        recon += list(pipe.decode(pipe.encode(real[-len(batch["image"]):])))
+        recon += list(vilg.decode(vilg.encode(real[-len(batch["image"]):])))
     vq_psnr = psnr(real, recon)
     report = {
         "t2i_attribute_accuracy": t2i_acc, "t2i_per_attribute": t2i_per,
@@ -102,9 +103,9 @@ def main(argv=None):
         "num_prompts": n, "first_item": args.start, "candidates": args.candidates, "sampling": {"temperature": args.temperature,
                                                                         "top_k": args.top_k, "cfg_scale": args.cfg_scale,
                                                                         "seed": args.seed},
-        "caption_decoding": {"method": method, "beam_size": args.beam},
+        "caption_decoding": {"method": sampler.caption_method, "beam_size": args.beam},
         "seconds": {"text_to_image": round(t_t2i, 2), "image_to_text": round(t_i2t, 2)},
-        "checkpoint": pipe.folder,
+        "checkpoint": vilg.folder,
         "examples": [{"prompt": prompts[k], "read_back": read[k], "caption": caps[k]["text"], "truth": truth[k]}
                      for k in range(min(8, n))],
         "images": os.path.abspath(os.path.join(args.out, "t2i")),

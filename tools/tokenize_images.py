@@ -15,8 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
+from ppvilg.data.datasets import build_dataset  # noqa: E402
 from ppvilg.data.shards import tokenize_to_shards  # noqa: E402
-from ppvilg.engine.vqgan_task import load_vqgan  # noqa: E402
+from ppvilg.engine.vqgan_task import load_image_tokenizer  # noqa: E402
 
 
 def main(argv=None):
@@ -30,9 +31,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = load_or_exit(args)
     setup_from_config(cfg)
-    model, _, folder = load_vqgan(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
-    index = tokenize_to_shards(model, folder, cfg.Data[args.split], cfg.Data.image_size, args.out,
-                               args.shard_size, args.batch_size, cfg.Data.num_workers, args.overwrite)
+    model, _, folder = load_image_tokenizer(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
+    dataset = build_dataset(cfg.Data[args.split], cfg.Data.image_size)
+    index = tokenize_to_shards(model, folder, dataset, args.out, args.shard_size, args.batch_size,
+                               cfg.Data.num_workers, args.overwrite)
     get_logger().info(f"{args.out}: {index['num_items']} pairs in {len(index['shards'])} shards, "
                       f"{len(index['skipped'])} images skipped")
     print(json.dumps({k: index[k] for k in ("num_items", "grid", "num_codes", "complete")}))

@@ -19,9 +19,9 @@ def main(argv=None):
     args = config_parser(__doc__).parse_args(argv)
     cfg = load_or_exit(args)
     device = setup_from_config(cfg)
-    init_parallel(cfg)   # before the model is built: tensor-parallel layers need the communication groups
+    parallel = init_parallel(cfg)   # before the model is built: tensor-parallel layers need the groups
     get_logger().info(f"config {args.config} -> {cfg.Global.output_dir} on {device}")
-    metrics = Trainer(cfg, build_task(cfg)).fit()
+    metrics = Trainer(cfg, build_task(cfg, parallel)).fit()
     get_logger().info("final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 

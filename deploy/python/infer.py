@@ -6,7 +6,8 @@ tokenizer; never the training package.
   python deploy/python/infer.py --model-dir output/demo/export --image out/00.png
   python deploy/python/infer.py --model-dir output/demo/export --image out/00.png --question "是什么颜色"
 
-Unset sampling options take the exported defaults (inference.yml: the Eval section of the export config).
+Sampler options not given take the export's defaults (inference.yml's sampler: the Eval section of the exported
+checkpoint's config), as tools/infer.py takes the checkpoint's.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ppvilg_deploy.cli import add_sampler_arguments, sampler_changes  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
 from ppvilg_deploy.tokenizer import TextTooLongError  # noqa: E402
 
@@ -28,16 +30,6 @@ def parse(argv):
     p.add_argument("--text", help="prompt for text->image")
     p.add_argument("--image", help="image to caption, or to ask --question about")
     p.add_argument("--question", help="question about --image (generative VQA)")
-    p.add_argument("--num", type=int, default=None, help="text->image: candidates to sample")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--method", default=None, choices=["greedy", "beam", "sample"], help="caption decoding")
-    p.add_argument("--beam-size", type=int, default=None)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--max-len", type=int, default=None)
     p.add_argument("--out", default="output/deploy", help="text->image: folder for the PNGs")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--gpu-id", type=int, default=0)
@@ -48,6 +40,7 @@ def parse(argv):
     p.add_argument("--memory-optim", action="store_true", help="reuse buffers (paddle 3.3.1 on CPU rejects it for "
                    "these programs; try it on GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_sampler_arguments(p, "the export's inference.yml")
     return p.parse_args(argv)
 
 
@@ -63,9 +56,9 @@ def main(argv=None):
     try:
         pipe = DeployPipeline(a.model_dir, device=a.device, threads=a.threads, mkldnn=a.mkldnn,
                               memory_optim=a.memory_optim, precision=a.precision, gpu_id=a.gpu_id)
+        settings = pipe.sampler.replace(**sampler_changes(a))
         if a.text:
-            images, _ = pipe.text_to_image([a.text], num_candidates=a.num, temperature=a.temperature,
-                                           top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, seed=a.seed)
+            images, _ = pipe.text_to_image([a.text], sampler=settings)
             os.makedirs(a.out, exist_ok=True)
             paths = []
             for k, im in enumerate(images[0]):
@@ -74,15 +67,13 @@ def main(argv=None):
                     raise ExportError(f"{paths[-1]}: cannot write")
             result = {"text": a.text, "images": paths}
         elif a.image:
-            s = pipe.sampler
-            kw = dict(method=a.method or s.get("caption_method", "greedy"), beam_size=a.beam_size or s.get("beam_size", 4),
-                      length_penalty=a.length_penalty, max_len=a.max_len, temperature=a.temperature or 1.0,
-                      top_k=a.top_k or 0, top_p=a.top_p or 1.0, seed=a.seed or 0)
             images = [read_rgb(a.image)]
-            out = pipe.answer(images, a.question, **kw)[0] if a.question else pipe.caption(images, **kw)[0]
+            out = (pipe.answer(images, a.question, sampler=settings) if a.question
+                   else pipe.caption(images, sampler=settings))[0]
             result = {"image": a.image, "question": a.question, "text": out["text"], "score": out["score"]}
         else:
             sys.exit("give --text, or --image (with --question for VQA)")
+        result["sampler"] = settings.to_dict()
     except (ExportError, TextTooLongError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

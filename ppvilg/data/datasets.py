@@ -3,11 +3,13 @@
 A bad image never stops a run: the dataset returns a `skipped` marker, the collate function drops it and
 reports its message, and the trainer warns and counts (`skipped_images` in the logs).
 """
+import json
+
 import numpy as np
 import paddle
 
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array
-from ppvilg.data.benchmarks import aic_icc, coco_captions, coco_cn
+from ppvilg.data.corpora import aic_icc, coco_captions, coco_cn
 from ppvilg.data.pairs import read_manifest
 from ppvilg.data.shapes import ShapesPairs
 from ppvilg.data.shards import CodeShards
@@ -31,7 +33,7 @@ class PairDataset(paddle.io.Dataset):
     dict(codes=int32 [h, w], text=str, index=int) for a shard folder of VQ codes."""
 
     def __init__(self, section, image_size):
-        self.image_size = int(image_size)
+        self.section, self.image_size = section, int(image_size)
         self.source = section.source
         self.shards = self.shapes = self.pairs = None
         if section.source == "shards":
@@ -49,6 +51,18 @@ class PairDataset(paddle.io.Dataset):
 
     def __len__(self):
         return self.n
+
+    def meta(self, i):
+        """What the source knows about item i beyond its text (JSON-able: shapes attributes, manifest fields)."""
+        if self.shards is not None:
+            return json.loads(self.shards.meta[i])
+        if self.shapes is not None:
+            return self.shapes.attrs(i)[1]
+        return self.pairs[i].meta
+
+    @staticmethod
+    def collate(items):
+        return collate_pairs(items)
 
     def __getitem__(self, i):
         i = int(i)

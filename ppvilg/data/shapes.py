@@ -63,7 +63,7 @@ def split_triples(split):
     return [t for t in _triples() if is_heldout(*t) == want]
 
 
-def _centre(pi, size_px):
+def cell_centre(pi, size_px):
     row, col, _ = list(POSITIONS.values())[pi]
     step = size_px * 9 / 32.0
     return (size_px / 2 + (col - 1) * step, size_px / 2 + (row - 1) * step)
@@ -77,7 +77,7 @@ def render(attrs, size_px=32, jitter=(0.0, 0.0)):
     """Draw one shape; attrs = dict(color=, shape=, position=, size=) by English names. RGB uint8."""
     img = np.zeros((size_px, size_px, 3), np.uint8)
     pi = list(POSITIONS).index(attrs["position"])
-    cx, cy = _centre(pi, size_px)
+    cx, cy = cell_centre(pi, size_px)
     cx, cy = cx + jitter[0], cy + jitter[1]
     r = radius_px(attrs["size"], size_px)
     color = tuple(int(v) for v in COLORS[attrs["color"]][0])

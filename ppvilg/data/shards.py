@@ -30,19 +30,13 @@ def weights_digest(model):
     return h.hexdigest()
 
 
-def _source_meta(dataset, i):
-    if dataset.shapes is not None:
-        return dataset.shapes.attrs(i)[1]
-    return dataset.pairs[i].meta
-
-
-def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, batch_size, num_workers=0,
-                       overwrite=False):
-    from ppvilg.data.datasets import build_dataset, collate_pairs
+def tokenize_to_shards(model, checkpoint, dataset, out, shard_size, batch_size, num_workers=0, overwrite=False):
+    """Encode every image of `dataset` (a ppvilg.data.datasets.PairDataset of images) with the image tokenizer
+    `model` (loaded from the folder `checkpoint`) into shards under `out`; resumes an interrupted run."""
+    section, image_size = dataset.section, dataset.image_size
     if section.source == "shards":
         raise ShardError("tokenize_images needs an image source (shapes, manifest or coco), not shards")
     log = get_logger()
-    dataset = build_dataset(section, image_size)
     f = model.config.downsample
     identity = {"checkpoint": os.path.abspath(checkpoint), "weights_sha256": weights_digest(model),
                 "data": section.to_dict(), "image_size": image_size}
@@ -60,8 +54,7 @@ def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, 
             for sh in index["shards"]:
                 os.remove(os.path.join(out, sh["file"]))
             os.remove(index_path)
-            return tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, batch_size,
-                                      num_workers)
+            return tokenize_to_shards(model, checkpoint, dataset, out, shard_size, batch_size, num_workers)
         if index["complete"]:
             log.info(f"{out} is already complete")
             return index
@@ -72,7 +65,7 @@ def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, 
     n = len(dataset)
     bar = tqdm(total=n, initial=done, desc="tokenize", disable=None, dynamic_ncols=True)
     loader = paddle.io.DataLoader(paddle.io.Subset(dataset, list(range(done, n))), batch_size=batch_size,
-                                  shuffle=False, collate_fn=collate_pairs, num_workers=num_workers)
+                                  shuffle=False, collate_fn=dataset.collate, num_workers=num_workers)
     codes, idx, texts, metas, skipped, consumed = [], [], [], [], [], 0
 
     def flush():
@@ -100,7 +93,7 @@ def tokenize_to_shards(model, checkpoint, section, image_size, out, shard_size, 
                 codes.append(model.encode(batch["image"]).numpy().astype(np.int32))
                 idx += ids
                 texts += batch["text"]
-                metas += [_source_meta(dataset, i) for i in ids]
+                metas += [dataset.meta(i) for i in ids]
             bar.update(len(batch["skipped"]) + len(batch["text"]))
             if consumed >= shard_size:
                 flush()

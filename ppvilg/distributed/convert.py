@@ -3,7 +3,7 @@
 A checkpoint written by a run with tensor parallel degree mp and pipeline degree pp holds one weight file per
 (mp rank, pp rank): `model.mp{m:02d}.pp{p:02d}.pdparams`, keyed by ViLG's parameter names, each with its
 rank's slice of the tensor-parallel parameters (ppvilg.models.vilg.MP_SPLIT_AXES) and its stage's layers
-(ppvilg.models.vilg.pipeline_bounds). With mp = pp = 1 (any data parallel / sharding degree) it is one
+(ppvilg.models.vilg_pp.stage_of). With mp = pp = 1 (any data parallel / sharding degree) it is one
 `model.pdparams`. `merge` turns any layout into the single-process state; `split` cuts that state for one rank
 of another layout; tools/convert_checkpoint.py and Global.init_weights use both.
 """
@@ -13,9 +13,8 @@ import re
 import numpy as np
 import paddle
 
-from ppvilg.models.vilg import mp_split_axis, pipeline_bounds
-
-HEAD_NAMES = ("ln_f.", "text_head.", "text_bias", "image_head.")
+from ppvilg.models.vilg import mp_split_axis
+from ppvilg.models.vilg_pp import stage_of
 
 
 def weight_file(mp_rank=0, pp_rank=0, mp=1, pp=1, module="model"):
@@ -24,26 +23,13 @@ def weight_file(mp_rank=0, pp_rank=0, mp=1, pp=1, module="model"):
     return f"{module}.mp{mp_rank:02d}.pp{pp_rank:02d}.pdparams"
 
 
-def item_of(name, num_layers):
-    """Index of the pipeline item [embedding, blocks..., heads] holding parameter `name`."""
-    m = re.match(r"blocks\.(\d+)\.", name)
-    if m:
-        return int(m.group(1)) + 1
-    return num_layers + 1 if name.startswith(HEAD_NAMES) else 0
-
-
-def stage_of(name, num_layers, pp):
-    bounds = pipeline_bounds(num_layers, pp)
-    item = item_of(name, num_layers)
-    return next(s for s in range(pp) if bounds[s] <= item < bounds[s + 1])
-
-
 def _numpy(v):
     return v.numpy() if isinstance(v, paddle.Tensor) else np.asarray(v)
 
 
 def split(full, num_layers, mp, pp, mp_rank, pp_rank):
-    """The weights of rank (mp_rank, pp_rank) of an mp x pp layout, from a single-process state."""
+    """The weights of rank (mp_rank, pp_rank) of an mp x pp layout, from a single-process state (of a model
+    the layout fits: ppvilg.models.vilg.parallel_layout_errors)."""
     out = {}
     for name, value in full.items():
         if pp > 1 and stage_of(name, num_layers, pp) != pp_rank:
@@ -51,9 +37,6 @@ def split(full, num_layers, mp, pp, mp_rank, pp_rank):
         value = _numpy(value)
         axis = mp_split_axis(name) if mp > 1 else None
         if axis is not None:
-            if value.shape[axis] % mp:
-                raise ValueError(f"'{name}' has {value.shape[axis]} entries on axis {axis}, not divisible by "
-                                 f"the tensor parallel degree {mp}")
             value = np.split(value, mp, axis=axis)[mp_rank]
         out[name] = value
     return out

@@ -93,7 +93,9 @@ def build_strategy(cfg):
 
 
 class ParallelState:
-    """Where this process sits in the layout (all 1 / 0 when not distributed)."""
+    """Where this process sits in the layout (all 1 / 0 when not distributed). Made once by the entry point
+    (`init_parallel`, or `ParallelState.single()` for one process) and passed to the task, the model and the
+    trainer: nothing reads it from a module global."""
 
     def __init__(self, cfg=None):
         d = cfg.Distributed if cfg is not None else dict(DISTRIBUTED_DEFAULTS, dp_degree=1, world_size=1)
@@ -103,6 +105,13 @@ class ParallelState:
         self.offload, self.recompute = bool(d["offload"]), d["recompute"]
         self.rank = self.dp_rank = self.mp_rank = self.pp_rank = self.sharding_rank = 0
         self.hcg = None
+
+    @classmethod
+    def single(cls, recompute="none"):
+        """One process: every degree 1."""
+        st = cls()
+        st.recompute = recompute
+        return st
 
     @property
     def data_rank(self):
@@ -117,24 +126,22 @@ class ParallelState:
         """One process per (mp, pp) coordinate saves the weights."""
         return self.dp_rank == 0 and self.sharding_rank == 0
 
+    @property
+    def mp_group(self):
+        """The tensor-parallel communication group (None in one process)."""
+        return self.hcg.get_model_parallel_group() if self.hcg is not None and self.mp > 1 else None
+
     def describe(self):
         return {"dp": self.dp, "mp": self.mp, "pp": self.pp, "sharding": self.sharding,
                 "sharding_stage": self.stage}
 
 
-_STATE = ParallelState()
-
-
-def current():
-    return _STATE
-
-
 def init_parallel(cfg, cpu_collectives_installed=False):
-    """Initialise Fleet for a multi-process run (before the model is built: tensor-parallel layers read the
-    communication groups) and record the process's coordinates. A single process is left as it is.
+    """The ParallelState of this process for a validated config. A multi-process run initialises Fleet first
+    (before the model is built: tensor-parallel layers read the communication groups); a single process is
+    left as it is (ParallelState(cfg) with every degree 1, recompute from the config).
     cpu_collectives_installed: the caller replaced Fleet's tensor-parallel collectives with CPU versions
     (tests/cpu_collectives.py does, for the tests only)."""
-    global _STATE
     st = ParallelState(cfg)
     if st.enabled:
         import paddle
@@ -160,5 +167,4 @@ def init_parallel(cfg, cpu_collectives_installed=False):
         st.sharding_rank = hcg.get_sharding_parallel_rank()
         # the same seed on every rank for replicated weights, a per-mp-rank one for split weights
         model_parallel_random_seed(cfg.Global.seed)
-    _STATE = st
     return st

@@ -26,7 +26,7 @@ GIB = 1024 ** 3
 
 
 @dataclass(frozen=True)
-class Layout:
+class ParallelLayout:
     dp: int = 1
     mp: int = 1
     pp: int = 1
@@ -42,7 +42,7 @@ class Layout:
 
 
 def memory(model, layout):
-    """{component: bytes per GPU} for a ViLGConfig and a Layout (the GPU of the first pipeline stage)."""
+    """{component: bytes per GPU} for a ViLGConfig and a ParallelLayout (the GPU of the first pipeline stage)."""
     c, lay = model, layout
     p_gpu = count_parameters(c) / (lay.mp * lay.pp)
     shard = lay.sharding if lay.sharding > 1 else 1
@@ -77,7 +77,7 @@ def candidates(gpus, gpus_per_node=8, micro_batches=(1, 2, 4)):
                     for recompute in (False, True):
                         for offload in (False, True):
                             for b in micro_batches:
-                                out.append(Layout(dp, mp, pp, sharding, stage, recompute, offload, b))
+                                out.append(ParallelLayout(dp, mp, pp, sharding, stage, recompute, offload, b))
     return out
 
 

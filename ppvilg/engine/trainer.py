@@ -17,9 +17,8 @@ from tqdm import tqdm
 from ppvilg.config import save_config
 from ppvilg.data.datasets import build_dataset, train_loader
 from ppvilg.distributed import convert
-from ppvilg.distributed.env import current as current_parallel
 from ppvilg.engine.checkpoint import (CheckpointError, mark_latest, read_meta,
-                                      resolve_checkpoint, restore_rng, save_checkpoint, save_rng, set_state_strict)
+                                      resolve_checkpoint, restore_rng, save_checkpoint, save_rng)
 from ppvilg.utils.io import atomic_write_json
 from ppvilg.utils.runtime import get_logger
 
@@ -69,11 +68,12 @@ def rename_optimizer_state(state, mapping):
 
 class Trainer:
     def __init__(self, cfg, task):
+        """task: a ppvilg.engine.task_interface.Task, built with this process's ParallelState (task.parallel)."""
         self.cfg, self.task = cfg, task
         self.log = get_logger()
-        self.par = current_parallel()
+        self.par = task.parallel
         self.rank, self.world = self.par.rank, self.par.world
-        self.pipeline = self.par.pp > 1   # the pipeline schedule runs forward, backward and the optimizer step
+        self.pipeline_parallel = self.par.pp > 1   # the pipeline schedule runs forward, backward and the optimizer step
         self.out = cfg.Global.output_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         amp = cfg.Train.amp
@@ -125,18 +125,6 @@ class Trainer:
                 self.scalers[phase] = fleet.distributed_scaler(self.scalers[phase])
         self.task.distribute(model)
 
-    def local_state(self, name, layer):
-        """Weights of module `name` keyed by the single-process model's names (pipeline stages renamed)."""
-        state = layer.state_dict()
-        if name == "model" and self.pipeline:
-            return self.task.pipeline_to_model_names(state)
-        return state
-
-    def set_local_state(self, name, layer, state, origin):
-        if name == "model" and self.pipeline:
-            state = self.task.model_to_pipeline_names(state)
-        set_state_strict(layer, state, origin)
-
     def init_weights(self, path):
         """Model weights from a checkpoint of any parallel layout, cut for this rank; a fresh optimizer."""
         folder = resolve_checkpoint(path)
@@ -144,10 +132,8 @@ class Trainer:
         if meta.get("task") != self.cfg.Global.task:
             raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint cannot initialise a "
                                   f"'{self.cfg.Global.task}' run")
-        full = convert.read_full_state(folder)
+        self.task.load_model_weights(convert.read_full_state(folder), folder)
         par = self.par
-        mine = convert.split(full, self.cfg.Model.get("num_layers", 0), par.mp, par.pp, par.mp_rank, par.pp_rank)
-        self.set_local_state("model", self.task.model, mine, folder)
         self.log.info(f"initialised the model from {folder} (mp={par.mp}, pp={par.pp} slice of rank {par.rank})")
 
     # ---- state -------------------------------------------------------------------------------------
@@ -179,8 +165,8 @@ class Trainer:
         if par.sharding > 1 and par.stage == 3:
             self.task.gather_sharded_parameters()
         if par.writes_weights:
-            for name, layer in self.task.modules().items():
-                paddle.save(self.local_state(name, layer),
+            for name in self.task.modules():
+                paddle.save(self.task.checkpoint_state(name),
                             os.path.join(tmp, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name)))
         for phase, st in self.optimizer_states().items():
             paddle.save(st, os.path.join(tmp, f"{phase}.rank{self.rank:03d}.pdopt"))
@@ -208,11 +194,11 @@ class Trainer:
                                   "resume with the same layout, or convert the weights (tools/convert_checkpoint.py) "
                                   "and start from them with -o Global.init_weights=... (a fresh optimizer)")
         par = self.par
-        for name, layer in self.task.modules().items():
+        for name in self.task.modules():
             path_w = os.path.join(folder, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name))
             if not os.path.isfile(path_w):
                 raise CheckpointError(f"{path_w}: missing (the checkpoint has no weights for this module)")
-            self.set_local_state(name, layer, paddle.load(path_w), path_w)
+            self.task.load_checkpoint_state(name, paddle.load(path_w), path_w)
         suffix = f".rank{self.rank:03d}" if par.enabled else ""
         for phase in self.opts:
             st = paddle.load(os.path.join(folder, f"{phase}{suffix}.pdopt"))
@@ -238,7 +224,7 @@ class Trainer:
                 w.add_scalar(f"{prefix}/{k}", float(v), self.step)
 
     def evaluate(self, dataset):
-        if self.pipeline:
+        if self.pipeline_parallel:
             self.log.info(f"step {self.step}: no evaluation under pipeline parallel; merge a checkpoint with "
                           "tools/convert_checkpoint.py and run tools/eval.py on it")
             return {}
@@ -266,14 +252,14 @@ class Trainer:
         train_set = build_dataset(cfg.Data.train, cfg.Data.image_size)
         eval_set = build_dataset(cfg.Data.eval, cfg.Data.image_size)
         par = self.par
-        if self.pipeline:  # a step's whole batch per call; the pipeline cuts it into accum_steps micro-batches
+        if self.pipeline_parallel:  # a step's whole batch per call; the pipeline cuts it into accum_steps micro-batches
             loader = train_loader(train_set, tc.batch_size, cfg.Global.seed, self.step, cfg.Data.num_workers,
                                   par.data_rank, par.data_world)
         else:
             loader = train_loader(train_set, tc.micro_batch_size, cfg.Global.seed, self.step * tc.accum_steps,
                                   cfg.Data.num_workers, par.data_rank, par.data_world)
         batches = iter(loader)
-        self.log.info(f"training {cfg.Global.task}: {sum(p.size for p in self.task.modules()['model'].parameters()):,} "
+        self.log.info(f"training {cfg.Global.task}: {sum(p.size for p in self.task.model.parameters()):,} "
                       f"model parameters, {len(train_set)} train / {len(eval_set)} eval pairs, "
                       f"steps {self.step} -> {tc.max_steps}, batch {tc.batch_size} "
                       f"({tc.accum_steps} x {tc.micro_batch_size}), device {paddle.get_device()}"
@@ -307,7 +293,7 @@ class Trainer:
         return metrics
 
     def train_step(self, batches):
-        if self.pipeline:
+        if self.pipeline_parallel:
             return self.pipeline_step(next(batches))
         tc = self.cfg.Train
         sums, used, n_samples = {}, set(), 0

@@ -6,7 +6,8 @@ decoder) to pixels, compared with the real image (recon_weight 1: generation and
 equally), so the reconstruction loss trains the transformer too.
 
 Inputs are VQ code shards (Data.<split>.source: shards, written by tools/tokenize_images.py) or images encoded
-on the fly by the frozen stage-1 tokenizer named in Tokenizer.checkpoint. Optional condition dropout replaces
+on the fly by the frozen stage-1 image tokenizer named in ImageTokenizer.checkpoint (the section was called
+`Tokenizer` before; that name is accepted in this release with a deprecation message). Optional condition dropout replaces
 a pair's text by the empty text ([SEP] alone) in the text->image direction, so that sampling can use
 classifier-free guidance.
 """
@@ -16,28 +17,33 @@ import paddle
 from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
 from ppvilg.engine.checkpoint import CheckpointError
-from ppvilg.engine.task import Task
+from ppvilg.distributed import convert
+from ppvilg.engine.task_interface import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
-from ppvilg.models.layout import image_to_text, text_to_image
-from ppvilg.distributed.env import current as current_parallel
+from ppvilg.models.layout import direction_layouts
 from ppvilg.models.reconstructor import E2EReconstructor
-from ppvilg.models.vilg import ViLG, build_pipeline, pipeline_name_map
+from ppvilg.models.vilg import ViLG, parallel_layout_errors
+from ppvilg.models.vilg_pp import build_pipeline, to_model_names, to_pipeline_names
 from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
+from ppvilg_deploy.decoding import SamplerSettings
+from ppvilg_deploy.sequences import SequenceBuilder
 
 
 def build_vilg(model_section):
     return ViLG(model_config(model_section))
 
 
-def load_matching_tokenizer(path, config):
-    """The frozen stage-1 tokenizer at `path` and its config, checked against the transformer's codes/grid."""
-    from ppvilg.engine.vqgan_task import load_vqgan
-    vq, vq_cfg, folder = load_vqgan(path)
+def load_matching_image_tokenizer(path, config):
+    """The frozen stage-1 image tokenizer at `path` and its config, checked against the transformer's
+    codes / grid."""
+    from ppvilg.engine.vqgan_task import load_image_tokenizer
+    vq, vq_cfg, folder = load_image_tokenizer(path)
     grid = vq_cfg.Data.image_size // vq.config.downsample
     if (vq.config.num_codes, grid) != (config.num_codes, config.grid):
-        raise CheckpointError(f"{folder}: the tokenizer makes {vq.config.num_codes} codes on a {grid}x{grid} grid, "
-                              f"the transformer expects Model.num_codes={config.num_codes}, Model.grid={config.grid}")
+        raise CheckpointError(f"{folder}: the image tokenizer makes {vq.config.num_codes} codes on a {grid}x{grid} "
+                              f"grid, the transformer expects Model.num_codes={config.num_codes}, "
+                              f"Model.grid={config.grid}")
     return vq, vq_cfg
 
 
@@ -47,44 +53,28 @@ def _vocab_size(path):
 
 
 class PairBatcher:
-    """Turns (codes [B, h, w], texts) into the id / validity / label arrays of both directions."""
+    """Turns (codes [B, h, w], texts) into the id / validity / label arrays of both directions (the sequences of
+    ppvilg_deploy.sequences.SequenceBuilder, shared with generation and deployment); counts cut texts."""
 
     def __init__(self, tokenizer, config):
         self.tok, self.c = tokenizer, config
-        self.t2i = text_to_image(config.max_text_len, config.grid)
-        self.i2t = image_to_text(config.max_text_len, config.grid)
+        self.seq = SequenceBuilder(tokenizer, config.max_text_len, config.grid, config.num_codes)
+        lays = direction_layouts(config.max_text_len, config.grid)
+        self.t2i, self.i2t = lays["t2i"], lays["i2t"]
         self.truncated = 0
 
-    def text_ids(self, texts, drop=None):
-        L, out, lens = self.c.max_text_len, [], []
-        for k, t in enumerate(texts):
-            ids = self.tok.encode(t)
-            if len(ids) > L:
-                self.truncated += 1
-                ids = ids[:L - 1] + [self.tok.eos_id]
-            if drop is not None and drop[k]:
-                ids = [self.tok.eos_id]
-            lens.append(len(ids))
-            out.append(ids + [self.tok.pad_id] * (L - len(ids)))
-        return np.asarray(out, np.int64), np.asarray(lens)
+    def _text(self, texts, drop=None):
+        ids, valid, cut = self.seq.encode_texts(texts, truncate=True, drop=drop)
+        self.truncated += cut
+        return ids, valid
 
     def text_to_image(self, codes, texts, drop=None):
-        b, n = codes.shape[0], self.c.grid ** 2
-        text, lens = self.text_ids(texts, drop)
-        z = codes.reshape([b, n]).astype(np.int64)
-        ids = np.concatenate([text, np.full([b, 1], self.c.num_codes, np.int64), z[:, :-1]], 1)
-        valid = np.concatenate([np.arange(self.c.max_text_len)[None] < lens[:, None], np.ones([b, n], bool)], 1)
-        return ids, valid, z
+        """-> (ids, valid, labels = the codes [B, n]); drop[k]: text k replaced by the empty text."""
+        return self.seq.text_to_image(self._text(texts, drop), codes)
 
     def image_to_text(self, codes, texts):
-        b, n, L = codes.shape[0], self.c.grid ** 2, self.c.max_text_len
-        text, lens = self.text_ids(texts)
-        z = codes.reshape([b, n]).astype(np.int64)
-        inp = np.concatenate([np.full([b, 1], self.tok.bos_id, np.int64), text[:, :-1]], 1)
-        ids = np.concatenate([z, inp], 1)
-        valid = np.concatenate([np.ones([b, n], bool), np.arange(L)[None] < lens[:, None]], 1)
-        labels = np.where(np.arange(L)[None] < lens[:, None], text, -100)
-        return ids, valid, labels
+        """-> (ids, valid, labels: text ids, -100 on padding)."""
+        return self.seq.image_to_text(codes, text=self._text(texts))
 
 
 def unigram_entropy(targets, vocab):
@@ -101,13 +91,15 @@ def unigram_entropy(targets, vocab):
 class ViLGTask(Task):
     config_sections = {
         "Text": {"vocab_file": None},            # None: ppvilg/text/assets/vocab.txt
-        "Tokenizer": {"checkpoint": None},       # stage-1 checkpoint: encodes images on the fly, decodes codes
+        "ImageTokenizer": {"checkpoint": None},  # stage-1 checkpoint: encodes images on the fly, decodes codes
         "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0,
                  "end_to_end": False,    # train the E2E reconstructor and, through it, the generator
                  "recon_weight": 1.0,    # weight of the pixel reconstruction loss (the paper: equal weights)
                  "recon": "l2"},         # l2 | l1
         "Eval": dict(batch_size=64, **EVAL_DEFAULTS),
     }
+
+    renamed_sections = {"Tokenizer": "ImageTokenizer"}
 
     @classmethod
     def validate_config(cls, cfg, origin):
@@ -122,30 +114,25 @@ class ViLGTask(Task):
             raise ConfigError(f"{origin}: Model.text_vocab_size is {cfg.Model.text_vocab_size} but the vocabulary "
                               f"{vocab} has {n} tokens; set -o Model.text_vocab_size={n} (or more: padding rows "
                               "for tensor parallel, never generated)")
-        d, m = cfg.Distributed, cfg.Model
-        for what, v in (("num_heads", m.num_heads), ("text_vocab_size", m.text_vocab_size),
-                        ("hidden_size * ffn_mult", m.hidden_size * m.ffn_mult)):
-            if v % d.mp_degree:
-                hint = (f" (pad it: -o Model.text_vocab_size={-(-v // d.mp_degree) * d.mp_degree})"
-                        if what == "text_vocab_size" else "")
-                raise ConfigError(f"{origin}: Distributed.mp_degree {d.mp_degree} must divide Model.{what} = {v}{hint}")
-        if d.pp_degree > 1:
-            if m.num_layers < d.pp_degree:
-                raise ConfigError(f"{origin}: Distributed.pp_degree {d.pp_degree} exceeds Model.num_layers {m.num_layers}")
-            if m.tie_text_head:
-                raise ConfigError(f"{origin}: Model.tie_text_head cannot be used with pipeline parallel (the text "
-                                  "embedding and head live on different stages)")
+        d = cfg.Distributed
+        for _, msg, hint in parallel_layout_errors(model_config(cfg.Model), d.mp_degree, d.pp_degree):
+            raise ConfigError(f"{origin}: Distributed (mp_degree {d.mp_degree}, pp_degree {d.pp_degree}): {msg}"
+                              + (f" ({hint})" if hint else ""))
         if cfg.Model.attention not in ("dense", "sparse"):
             raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
         if cfg.Model.hidden_size % cfg.Model.num_heads:
             raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
         if not 0.0 <= cfg.Loss.cond_dropout < 1.0:
             raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
+        try:
+            SamplerSettings.from_mapping(cfg.Eval)
+        except ValueError as e:
+            raise ConfigError(f"{origin}: Eval: {e}") from None
         if cfg.Loss.recon not in ("l1", "l2"):
             raise ConfigError(f"{origin}: Loss.recon must be l1 or l2, got {cfg.Loss.recon!r}")
         if cfg.Loss.end_to_end:
-            if not cfg.Tokenizer.checkpoint:
-                raise ConfigError(f"{origin}: Loss.end_to_end needs Tokenizer.checkpoint (the stage-1 model whose "
+            if not cfg.ImageTokenizer.checkpoint:
+                raise ConfigError(f"{origin}: Loss.end_to_end needs ImageTokenizer.checkpoint (the stage-1 model whose "
                                   "decoder initialises the reconstructor)")
             if cfg.Data.train.source == "shards":
                 raise ConfigError(f"{origin}: Loss.end_to_end compares reconstructions with the real images; "
@@ -155,39 +142,39 @@ class ViLGTask(Task):
                 raise ConfigError(f"{origin}: Loss.end_to_end trains in one process for now (the reconstructor is "
                                   "not wrapped for data / tensor / pipeline parallel)")
         for split in ("train", "eval"):
-            if cfg.Data[split].source != "shards" and not cfg.Tokenizer.checkpoint:
+            if cfg.Data[split].source != "shards" and not cfg.ImageTokenizer.checkpoint:
                 raise ConfigError(f"{origin}: Data.{split}.source '{cfg.Data[split].source}' gives images; "
-                                  "set Tokenizer.checkpoint to the stage-1 checkpoint that encodes them, or "
+                                  "set ImageTokenizer.checkpoint to the stage-1 checkpoint that encodes them, or "
                                   "use shards from tools/tokenize_images.py")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        par = current_parallel()
+    def __init__(self, cfg, parallel):
+        super().__init__(cfg, parallel)
+        par = parallel
         config = model_config(cfg.Model)
-        if par.pp > 1:  # this rank's stages of the same layers (ppvilg.models.vilg.build_pipeline)
+        if par.pp > 1:  # this rank's stages of the same layers (ppvilg.models.vilg_pp.build_pipeline)
             self.model = build_pipeline(config, par, cfg.Loss.t2i_weight, cfg.Loss.i2t_weight)
             self.model.config = config
         else:
-            self.model = ViLG(config, par)
+            self.model = ViLG(config, par.mp, par.recompute, par.mp_group)
         self.train_model = self.model   # replaced by the parallel wrapper (Trainer.distribute)
-        self.tokenizer = TextTokenizer(cfg.Text.vocab_file)
-        self.batcher = PairBatcher(self.tokenizer, config)
-        self._vq = None
+        self.text_tokenizer = TextTokenizer(cfg.Text.vocab_file)
+        self.batcher = PairBatcher(self.text_tokenizer, config)
+        self._image_tokenizer = None
         self.reconstructor = None
         if cfg.Loss.end_to_end:
-            self.reconstructor = E2EReconstructor.from_vq(config.hidden_size, self.vq)
+            self.reconstructor = E2EReconstructor.from_vq(config.hidden_size, self.image_tokenizer)
 
     @property
-    def vq(self):
-        """The frozen stage-1 tokenizer (Tokenizer.checkpoint), loaded on first use."""
-        if self._vq is None:
-            if not self.cfg.Tokenizer.checkpoint:
-                raise RuntimeError("images need the stage-1 tokenizer: set Tokenizer.checkpoint")
-            vq, _ = load_matching_tokenizer(self.cfg.Tokenizer.checkpoint, self.model.config)
+    def image_tokenizer(self):
+        """The frozen stage-1 image tokenizer (ImageTokenizer.checkpoint), loaded on first use."""
+        if self._image_tokenizer is None:
+            if not self.cfg.ImageTokenizer.checkpoint:
+                raise RuntimeError("images need the stage-1 image tokenizer: set ImageTokenizer.checkpoint")
+            vq, _ = load_matching_image_tokenizer(self.cfg.ImageTokenizer.checkpoint, self.model.config)
             for p in vq.parameters():
                 p.stop_gradient = True
-            self._vq = vq
-        return self._vq
+            self._image_tokenizer = vq
+        return self._image_tokenizer
 
     def modules(self):
         mods = {"model": self.model}
@@ -198,23 +185,25 @@ class ViLGTask(Task):
     def distribute(self, model):
         self.train_model = model
 
-    # ---- pipeline parallel --------------------------------------------------------------------------
-    def _model_name(self, pipe_name, prefixes):
-        item, rest = pipe_name.split(".", 1)
-        return prefixes[int(item)] + rest
+    # ---- checkpoints and parallel layouts -------------------------------------------------------------
+    def checkpoint_state(self, name):
+        state = super().checkpoint_state(name)
+        if name == "model" and self.parallel.pp > 1:   # a stage's PipelineLayer names -> ViLG's
+            return to_model_names(state, self.model.config.num_layers)
+        return state
 
-    def pipeline_to_model_names(self, state):
-        """'3.attn.q.weight' (PipelineLayer item 3) -> 'blocks.2.attn.q.weight'."""
-        prefixes = pipeline_name_map(self.model.config.num_layers)
-        return {self._model_name(k, prefixes): v for k, v in state.items()}
+    def load_checkpoint_state(self, name, state, origin):
+        if name == "model" and self.parallel.pp > 1:
+            try:
+                state = to_pipeline_names(state, self.model.state_dict(), self.model.config.num_layers)
+            except KeyError as e:
+                raise CheckpointError(f"{origin}: {e.args[0]}") from None
+        super().load_checkpoint_state(name, state, origin)
 
-    def model_to_pipeline_names(self, state):
-        prefixes = pipeline_name_map(self.model.config.num_layers)
-        own = {self._model_name(k, prefixes): k for k in self.model.state_dict()}
-        unknown = sorted(set(state) - set(own))
-        if unknown:
-            raise CheckpointError(f"weights {unknown[:5]} do not belong to this pipeline stage")
-        return {own[k]: v for k, v in state.items()}
+    def load_model_weights(self, full_state, origin):
+        par = self.parallel
+        mine = convert.split(full_state, self.model.config.num_layers, par.mp, par.pp, par.mp_rank, par.pp_rank)
+        self.load_checkpoint_state("model", mine, origin)
 
     def pipeline_step(self, batch, optimizer, scaler, step):
         """Forward, backward and the optimizer step of one batch through the pipeline schedule.
@@ -253,7 +242,7 @@ class ViLGTask(Task):
                                       f"{self.model.config.num_codes} (Model.num_codes)")
             return codes
         with paddle.no_grad():
-            return self.vq.encode(paddle.to_tensor(batch["image"])).numpy()
+            return self.image_tokenizer.encode(paddle.to_tensor(batch["image"])).numpy()
 
     def losses(self, codes, texts, drop=None, images=None):
         """(text->image loss, image->text loss, their label arrays, reconstruction loss or None) for one batch;

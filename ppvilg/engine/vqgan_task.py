@@ -1,4 +1,4 @@
-"""Stage 1 task: train the VQGAN tokenizer (generator phase, then discriminator phase, every step)."""
+"""Stage 1 task: train the image tokenizer (a VQGAN) (generator phase, then discriminator phase, every step)."""
 import contextlib
 
 import numpy as np
@@ -8,7 +8,7 @@ from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
 from ppvilg.engine.checkpoint import load_model
-from ppvilg.engine.task import Task
+from ppvilg.engine.task_interface import Task
 from ppvilg.metrics.recon import codebook_stats, psnr, ssim
 from ppvilg.registry import TASKS, model_config
 from ppvilg.vq.losses import (PatchDiscriminator, VGGPerceptual, adaptive_weight, hinge_d_loss,
@@ -84,8 +84,8 @@ class VQGANTask(Task):
             raise ConfigError(f"{origin}: Loss.perceptual_weight > 0 needs Loss.perceptual_weights (a VGG16 "
                               ".pdparams path); nothing is downloaded")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, parallel):
+        super().__init__(cfg, parallel)
         self.model = build_vqgan(cfg.Model)
         loss = cfg.Loss
         self.disc = PatchDiscriminator(cfg.Model.in_channels, loss.disc_channels, loss.disc_layers)
@@ -157,6 +157,7 @@ class VQGANTask(Task):
         return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}
 
 
-def load_vqgan(path, output_dir=None):
-    """(model in eval mode, the checkpoint's resolved config, its folder) from a stage-1 checkpoint."""
+def load_image_tokenizer(path, output_dir=None):
+    """(the image tokenizer: a VQGAN in eval mode, the checkpoint's resolved config, its folder) from a stage-1
+    checkpoint."""
     return load_model(path, "vqgan", build_vqgan, output_dir)

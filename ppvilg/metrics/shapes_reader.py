@@ -13,7 +13,7 @@ import re
 import cv2
 import numpy as np
 
-from ppvilg.data.shapes import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, _centre, render
+from ppvilg.data.shapes import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, cell_centre, render
 
 
 def _coverage(shape, size, position, jitter, size_px):
@@ -57,9 +57,9 @@ def read_image(rgb, threshold=60):
                 best = (err, shape, size, shift)
     _, shape, size, shift = best
     # position: the grid cell whose centre is nearest to the fitted template's nominal centre
-    centre = np.array(_centre(list(POSITIONS).index("center"), size_px)) + shift
-    position = min(POSITIONS, key=lambda p: np.hypot(*(np.array(_centre(list(POSITIONS).index(p), size_px))
-                                                        - centre)))
+    nominal = np.array(cell_centre(list(POSITIONS).index("center"), size_px)) + shift
+    position = min(POSITIONS, key=lambda p: np.hypot(*(np.array(cell_centre(list(POSITIONS).index(p), size_px))
+                                                        - nominal)))
     return {"color": color, "shape": shape, "position": position, "size": size}
 
 

@@ -7,13 +7,14 @@ Embedding of slot s = token embedding (text table, or image table whose extra la
 Blocks are pre-LN (x + attn(LN x), x + MLP(LN x)), then a final LN; a text head and an image head give the
 logits of text target slots and image target slots. See ppvilg/models/layout.py for sequences and masks.
 
-Parallel execution (ppvilg/distributed/env.py, the `Distributed` config section) changes layers, not the model:
-with tensor parallel (mp > 1) q/k/v and the first MLP layer are ColumnParallelLinear, the attention output and
+Parallel execution (the `Distributed` config section) changes layers, not the model; the degree comes in as an
+argument (`ViLG(config, mp=..., recompute=..., mp_group=...)`), never from process-global state. With tensor
+parallel (mp > 1) q/k/v and the first MLP layer are ColumnParallelLinear, the attention output and
 second MLP layer RowParallelLinear, the text embedding VocabParallelEmbedding and the text head column-parallel
 with ParallelCrossEntropy (each rank holds heads / mp attention heads and text_vocab_size / mp text logits);
-`MP_SPLIT_AXES` lists which axis of which parameter is split. With pipeline parallel the same embedding, Block
-and head code runs as stages of a PipelineLayer (`build_pipeline`) whose parameters map one to one onto
-ViLG's names (`pipeline_name_map`). Recompute (full block or attention scores) is a flag of Block.
+`MP_SPLIT_AXES` lists which axis of which parameter is split, `parallel_layout_errors` is the one check that a
+layout fits a model. With pipeline parallel the same embedding, Block and head code runs as stages of a
+PipelineLayer (ppvilg/models/vilg_pp.py). Recompute (full block or attention scores) is a flag of Block.
 """
 import math
 import re
@@ -24,9 +25,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppvilg.distributed.env import current as current_parallel
-from ppvilg.models.layout import (IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, direction_layouts, layer_pattern,
-                                  pattern_mask, static_mask)
+from ppvilg.models.layout import IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, layer_pattern, pattern_mask
 from ppvilg.registry import MODEL_CONFIGS
 
 
@@ -100,11 +99,32 @@ def _linear(d_in, d_out, split, mp, bias=True):
     return RowParallelLinear(d_in, d_out, weight_attr=_normal(), has_bias=bias, input_is_parallel=True)
 
 
-def _check_mp(c, mp):
-    for what, n in (("num_heads", c.num_heads), ("hidden_size * ffn_mult", c.hidden_size * c.ffn_mult),
-                    ("text_vocab_size", c.text_vocab_size)):
+def init_layer(m):
+    """N(0, 0.02) weights and zero biases of plain Linear / Embedding layers (tensor-parallel layers are
+    initialised through their weight_attr: a per-rank RNG for split weights)."""
+    if type(m) in (nn.Linear, nn.Embedding):
+        nn.initializer.Normal(0.0, 0.02)(m.weight)
+    if type(m) is nn.Linear and m.bias is not None:
+        nn.initializer.Constant(0.0)(m.bias)
+
+
+def parallel_layout_errors(c, mp=1, pp=1):
+    """What keeps a tensor parallel degree mp and a pipeline degree pp from running model config c: a list of
+    (Model key, problem, hint) - empty when the layout fits. The one place this is decided (the stage-2
+    config validation and tools/convert_checkpoint.py ask it)."""
+    errors = []
+    for key, n in (("num_heads", c.num_heads), ("text_vocab_size", c.text_vocab_size),
+                   ("hidden_size * ffn_mult", c.hidden_size * c.ffn_mult)):
         if n % mp:
-            raise ValueError(f"tensor parallel degree {mp} does not divide Model.{what} = {n}")
+            hint = (f"pad it: -o Model.text_vocab_size={-(-n // mp) * mp}" if key == "text_vocab_size" else "")
+            errors.append((key, f"the tensor parallel degree {mp} must divide Model.{key} = {n}", hint))
+    if pp > 1:
+        if c.num_layers < pp:
+            errors.append(("num_layers", f"the pipeline degree {pp} exceeds Model.num_layers {c.num_layers}", ""))
+        if c.tie_text_head:
+            errors.append(("tie_text_head", "Model.tie_text_head cannot be used with pipeline parallel (the text "
+                           "embedding and head live on different stages)", "use tie_text_head=false"))
+    return errors
 
 
 class Attention(nn.Layer):
@@ -187,7 +207,7 @@ class Block(nn.Layer):
         return self._forward(x, mask, cache, start)
 
 
-class _Embeddings:
+class EmbeddingsMixin:
     """Token, position and kind embeddings (mixed into ViLG and its first pipeline stage)."""
 
     def _build_embeddings(self, c, mp):
@@ -215,12 +235,12 @@ class _Embeddings:
         return tok + paddle.where(is_img[0], p_img, p_txt).unsqueeze(0) + self.kind_emb(kind).unsqueeze(0)
 
 
-class _Heads:
+class HeadsMixin:
     """Final LN, text and image heads and their losses (mixed into ViLG and its last pipeline stage)."""
 
-    def _build_heads(self, c, mp):
+    def _build_heads(self, c, mp, mp_group=None):
         d = c.hidden_size
-        self.mp = mp
+        self.mp, self.mp_group = mp, mp_group
         self.ln_f = nn.LayerNorm(d)
         self.text_head = None if c.tie_text_head else _linear(d, c.text_vocab_size, "col", mp, bias=False)
         self.text_bias = self.create_parameter([c.text_vocab_size // mp], is_bias=True)
@@ -236,47 +256,41 @@ class _Heads:
         if self.text_head is None:
             if self.mp > 1:
                 from paddle.distributed.fleet.layers.mpu import mp_ops
-                h = mp_ops._c_identity(h, group=current_parallel().hcg.get_model_parallel_group())
+                h = mp_ops._c_identity(h, group=self.mp_group)
             return paddle.matmul(h, self.text_emb.weight, transpose_y=True) + self.text_bias
         return self.text_head(h) + self.text_bias
 
     def loss(self, logits, labels, target_kind):
-        """Mean cross-entropy over the labels != -100 (text logits vocabulary-parallel when mp > 1).
-        The mean is taken here: paddle's cross_entropy(reduction='mean', ignore_index=-100) divides by all
-        labels, ignored ones included (PaddlePaddle/Paddle#48663)."""
-        if target_kind == TEXT_TGT and self.mp > 1:
-            from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
-            per_token = ParallelCrossEntropy(ignore_index=-100)(logits.astype("float32"), labels.unsqueeze(-1))
-        else:
-            per_token = F.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), ignore_index=-100,
-                                        reduction="none")
-        keep = (labels != -100).astype("float32")
-        return (per_token.reshape(labels.shape) * keep).sum() / keep.sum().clip(min=1.0)
+        return target_loss(logits, labels, target_kind, self.mp)
 
 
-class ViLG(nn.Layer, _Embeddings, _Heads):
-    def __init__(self, config: ViLGConfig, parallel=None):
-        """parallel: a ppvilg.distributed.env.ParallelState (default: this process's) giving the tensor
-        parallel degree and the recompute granularity."""
+def target_loss(logits, labels, target_kind, mp=1):
+    """Mean cross-entropy over the labels != -100 (text logits vocabulary-parallel when mp > 1).
+    The mean is taken here: paddle's cross_entropy(reduction='mean', ignore_index=-100) divides by all
+    labels, ignored ones included (PaddlePaddle/Paddle#48663)."""
+    if target_kind == TEXT_TGT and mp > 1:
+        from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
+        per_token = ParallelCrossEntropy(ignore_index=-100)(logits.astype("float32"), labels.unsqueeze(-1))
+    else:
+        per_token = F.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), ignore_index=-100,
+                                    reduction="none")
+    keep = (labels != -100).astype("float32")
+    return (per_token.reshape(labels.shape) * keep).sum() / keep.sum().clip(min=1.0)
+
+
+class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
+    def __init__(self, config: ViLGConfig, mp=1, recompute="none", mp_group=None):
+        """mp: the tensor parallel degree (a layout that passes `parallel_layout_errors`); recompute: none |
+        full | core_attn; mp_group: the tensor-parallel communication group (mp > 1 with a tied text head)."""
         super().__init__()
         c = self.config = config
-        par = parallel or current_parallel()
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden_size {c.hidden_size} is not a multiple of num_heads {c.num_heads}")
-        _check_mp(c, par.mp)
         self.boi_id = c.num_codes  # [BOI]: the extra last row of the image table
-        self._build_embeddings(c, par.mp)
-        self.blocks = nn.LayerList([Block(c, par.mp, par.recompute) for _ in range(c.num_layers)])
-        self._build_heads(c, par.mp)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        # tensor-parallel layers are initialised through their weight_attr (per-rank RNG for split weights)
-        if type(m) in (nn.Linear, nn.Embedding):
-            nn.initializer.Normal(0.0, 0.02)(m.weight)
-        if type(m) is nn.Linear and m.bias is not None:
-            nn.initializer.Constant(0.0)(m.bias)
+        self._build_embeddings(c, mp)
+        self.blocks = nn.LayerList([Block(c, mp, recompute) for _ in range(c.num_layers)])
+        self._build_heads(c, mp, mp_group)
+        self.apply(init_layer)
 
     # ---- pieces used by forward and by generation ----------------------------------------------------
 
@@ -330,105 +344,3 @@ class ViLG(nn.Layer, _Embeddings, _Heads):
         logits = self.head(x, layout.kinds[-1])
         loss = None if labels is None else self.loss(logits, labels, layout.kinds[-1])
         return (logits, loss, self.ln_f(x)) if return_hidden else (logits, loss)
-
-
-# ---- pipeline parallel: the same pieces as stages of a PipelineLayer ------------------------------------------
-# A pipeline step trains both directions of each pair at once. Stage inputs: ids [b, 2, S] (row 0 the
-# text->image sequence, row 1 the image->text one; both have S = max_text_len + grid^2 slots) and valid
-# [b, 2, S] (float, 1 = real slot); between stages flow (x [b, 2, S, D], key padding [b, 2, S] additive); the
-# last stage returns (image logits of row 0's target, text logits of row 1's target) and the loss is
-# t2i_weight * CE(image) + i2t_weight * CE(text), the same as ViLGTask's two forward passes.
-
-def pipeline_bounds(num_layers, pp):
-    """Stage boundaries over the items [embedding, block 0 .. block L-1, heads]: blocks spread evenly
-    (earlier stages take the remainder), the embedding with the first stage, the heads with the last."""
-    if num_layers < pp:
-        raise ValueError(f"pipeline degree {pp} exceeds Model.num_layers {num_layers}")
-    per, extra = divmod(num_layers, pp)
-    bounds, b = [0], 1
-    for s in range(pp):
-        b += per + (1 if s < extra else 0)
-        bounds.append(b)
-    bounds[-1] = num_layers + 2
-    return bounds
-
-
-def pipeline_name_map(num_layers):
-    """PipelineLayer item index -> prefix of ViLG parameter names ('' for the embedding and the heads)."""
-    return {0: "", **{i + 1: f"blocks.{i}." for i in range(num_layers)}, num_layers + 1: ""}
-
-
-def _layouts(c):
-    lays = direction_layouts(c.max_text_len, c.grid)
-    return lays["t2i"], lays["i2t"]
-
-
-class PipeEmbed(nn.Layer, _Embeddings):
-    def __init__(self, config, mp=1):
-        super().__init__()
-        self.config = config
-        self._build_embeddings(config, mp)
-        self.arrays = [lay.arrays() for lay in _layouts(config)]
-
-    def forward(self, inputs):
-        ids, valid = inputs
-        x = paddle.stack([self.embed(ids[:, r], *self.arrays[r]) for r in range(2)], 1)
-        return x, (1.0 - valid.astype("float32")) * -1e9
-
-
-class PipeBlock(Block):
-    def __init__(self, config, index, mp=1, recompute="none"):
-        super().__init__(config, mp, recompute)
-        pattern = layer_pattern(index, config.num_layers, config.attention)
-        # the masks of layer_masks without the key padding, which comes per batch
-        static = np.stack([static_mask(lay, config.grid, pattern) for lay in _layouts(config)])
-        self.register_buffer("static_mask", paddle.to_tensor(static), persistable=False)
-
-    def forward(self, inputs):
-        x, pad = inputs
-        b, _, s, d = x.shape
-        mask = (self.static_mask.unsqueeze(0).unsqueeze(2) + pad.unsqueeze(2).unsqueeze(3)).reshape([2 * b, 1, s, s])
-        y = super().forward(x.reshape([2 * b, s, d]), mask.astype(x.dtype))
-        return y.reshape([b, 2, s, d]), pad
-
-
-class PipeHeads(nn.Layer, _Heads):
-    def __init__(self, config, mp=1):
-        super().__init__()
-        self.config = config
-        self._build_heads(config, mp)
-
-    def forward(self, inputs):
-        x, _ = inputs
-        c = self.config
-        return self.head(x[:, 0, c.max_text_len:], IMAGE_TGT), self.head(x[:, 1, c.grid * c.grid:], TEXT_TGT)
-
-
-class PipeLoss(nn.Layer):
-    def __init__(self, mp=1, t2i_weight=1.0, i2t_weight=1.0):
-        super().__init__()
-        self.mp, self.w = mp, (t2i_weight, i2t_weight)
-
-    def forward(self, outputs, labels):
-        (img, txt), (lab_img, lab_txt) = outputs, labels
-        return (self.w[0] * _Heads.loss(self, img, lab_img, IMAGE_TGT)
-                + self.w[1] * _Heads.loss(self, txt, lab_txt, TEXT_TGT))
-
-
-def build_pipeline(config, parallel, t2i_weight=1.0, i2t_weight=1.0):
-    """The ViLG model as a PipelineLayer over `parallel`'s topology (fleet initialised with pp > 1)."""
-    from paddle.distributed.fleet.meta_parallel import LayerDesc, PipelineLayer
-    c, mp = config, parallel.mp
-    if c.tie_text_head:
-        raise ValueError("Model.tie_text_head shares a weight between the first and the last pipeline stage; "
-                         "use tie_text_head=false with pipeline parallel")
-    _check_mp(c, mp)
-    descs = ([LayerDesc(PipeEmbed, c, mp)]
-             + [LayerDesc(PipeBlock, c, i, mp, parallel.recompute) for i in range(c.num_layers)]
-             + [LayerDesc(PipeHeads, c, mp)])
-    layer = PipelineLayer(layers=descs, num_stages=parallel.pp, topology=parallel.hcg.topology(),
-                          loss_fn=PipeLoss(mp, t2i_weight, i2t_weight),
-                          seg_method=pipeline_bounds(c.num_layers, parallel.pp))
-    for m in layer.sublayers():
-        ViLG._init(m)
-    return layer

@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+import ppvilg.engine.tasks  # noqa: F401  (registers every task and model config that a -c file may name)
 from ppvilg.config import ConfigError, load_config
 
 

@@ -85,7 +85,7 @@ class AttnBlock(nn.Layer):
         return x + self.proj(out)
 
 
-class Encoder(nn.Layer):
+class ImageEncoder(nn.Layer):
     def __init__(self, c: VQGANConfig):
         super().__init__()
         g = c.norm_groups
@@ -119,7 +119,7 @@ class Upsample(nn.Layer):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Decoder(nn.Layer):
+class ImageDecoder(nn.Layer):
     def __init__(self, c: VQGANConfig):
         super().__init__()
         g = c.norm_groups
@@ -222,12 +222,12 @@ class VQGAN(nn.Layer):
         super().__init__()
         self.config = config
         c = config
-        self.encoder = Encoder(c)
+        self.encoder = ImageEncoder(c)
         self.quant_conv = nn.Conv2D(c.z_channels, c.embed_dim, 1)
         self.quantizer = VectorQuantizer(c.num_codes, c.embed_dim, c.beta, c.ema, c.ema_decay,
                                          c.restart_dead_codes, c.dead_code_threshold)
         self.post_quant_conv = nn.Conv2D(c.embed_dim, c.z_channels, 1)
-        self.decoder = Decoder(c)
+        self.decoder = ImageDecoder(c)
 
     def forward(self, x):
         z = self.quant_conv(self.encoder(x))

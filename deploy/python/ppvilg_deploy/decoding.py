@@ -6,11 +6,91 @@ gives the same image codes and greedy decoding the same captions in both.
   (logits = uncond + scale * (cond - uncond); the unconditional text is [SEP] alone);
 - image->text and VQA: greedy, sampling, or beam search with a length penalty, stopping at [SEP].
 
-A backend mixes in `Decoding` and provides `make_decoder(direction, ids, valid)` (direction: "t2i", "i2t" or
-"vqa") returning an object with `ids` (int64 [B, S], filled in by the algorithms), `t0` (first target slot),
+A backend mixes in `Decoding`, sets `self.seq` (a ppvilg_deploy.sequences.SequenceBuilder: the tokenizer and
+the sequence assembly) and provides `make_decoder(direction, ids, valid)` (direction: "t2i", "i2t" or "vqa")
+returning an object with `ids` (int64 [B, S], filled in by the algorithms), `t0` (first target slot),
 `logits_at(slot)` (numpy [B, V]: the logits predicting the token after `slot`) and `reorder(rows)`.
+
+Every sampler and caption-decoding option is a field of one `SamplerSettings`; defaults come from the
+checkpoint's `Eval` section or the export's inference.yml (`SamplerSettings.from_mapping`), and a call changes
+some of them with `settings.replace(...)`.
 """
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
+
+CAPTION_METHODS = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to decode. Text->image: `candidates` images per prompt sampled with `temperature` (0: always the
+    most likely code), `top_k` (0: off), `top_p` (1: off), classifier-free guidance `cfg_scale` (1: off) and
+    `seed`. Image->text / VQA: `caption_method` (greedy, beam or sample, the latter with the sampling options
+    above), `beam_size`, `length_penalty` (score = log-prob / length ** penalty) and `max_len` (None: the
+    model's text length)."""
+    candidates: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    seed: int = 0
+    caption_method: str = "greedy"
+    beam_size: int = 4
+    length_penalty: float = 1.0
+    max_len: Optional[int] = None
+
+    def __post_init__(self):
+        def bad(field, expected):
+            raise ValueError(f"sampler setting '{field}' must be {expected}, got {getattr(self, field)!r}")
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+        if not is_int(self.candidates) or self.candidates < 1:
+            bad("candidates", "an integer >= 1")
+        if not is_num(self.temperature) or self.temperature < 0:
+            bad("temperature", "a number >= 0")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0: off)")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "a number in (0, 1]")
+        if not is_num(self.cfg_scale) or self.cfg_scale < 0:
+            bad("cfg_scale", "a number >= 0 (1: off)")
+        if not is_int(self.seed):
+            bad("seed", "an integer")
+        if self.caption_method not in CAPTION_METHODS:
+            bad("caption_method", f"one of {', '.join(CAPTION_METHODS)}")
+        if not is_int(self.beam_size) or self.beam_size < 1:
+            bad("beam_size", "an integer >= 1")
+        if not is_num(self.length_penalty):
+            bad("length_penalty", "a number")
+        if self.max_len is not None and (not is_int(self.max_len) or self.max_len < 1):
+            bad("max_len", "an integer >= 1 or None")
+
+    @classmethod
+    def from_mapping(cls, mapping):
+        """The settings named in `mapping` (an Eval config section, inference.yml's sampler: other keys are
+        ignored); the rest at their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(mapping or {}).items() if k in names})
+
+    def replace(self, **changes):
+        """A copy with `changes` applied; a change of None keeps the current value (an option not given).
+        An unknown name is an error."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown sampler settings {unknown} (known: {', '.join(sorted(names))})")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
 
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -39,98 +119,79 @@ def sample_from(logp, rng):
 
 
 class Decoding:
-    """Needs: self.tok (TextTokenizer), self.text_len, self.grid, self.boi_id and make_decoder()."""
-
-    def text_source(self, texts, truncate=False):
-        L = self.text_len
-        ids = np.full([len(texts), L], self.tok.pad_id, np.int64)
-        valid = np.zeros([len(texts), L], bool)
-        for i, t in enumerate(texts):
-            tt = self.tok.encode(t, max_len=L, truncate=truncate)
-            ids[i, :len(tt)], valid[i, :len(tt)] = tt, True
-        return ids, valid
+    """Needs: self.seq (SequenceBuilder) and make_decoder()."""
 
     # ---- text -> image ----------------------------------------------------------------------------------
-    def sample_codes(self, texts, num_candidates=1, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, seed=0,
-                     truncate=False, **decoder_options):
-        """-> int64 codes [len(texts), num_candidates, grid, grid]. A text longer than the model's text length
-        is an error, or is cut (keeping [SEP]) with truncate=True."""
-        n = self.grid ** 2
-        src, src_valid = self.text_source(texts, truncate)
-        src, src_valid = np.repeat(src, num_candidates, 0), np.repeat(src_valid, num_candidates, 0)
+    def sample_codes(self, texts, settings, truncate=False, **decoder_options):
+        """-> int64 codes [len(texts), settings.candidates, grid, grid]. A text longer than the model's text
+        length is an error, or is cut (keeping [SEP]) with truncate=True."""
+        seq, st = self.seq, settings
+        n = seq.num_cells
+        src, src_valid = seq.text(texts, truncate)
+        src, src_valid = np.repeat(src, st.candidates, 0), np.repeat(src_valid, st.candidates, 0)
         b = src.shape[0]
-        guided = cfg_scale != 1.0
+        guided = st.cfg_scale != 1.0
         if guided:
-            null, null_valid = self.text_source([""] * b)
+            null, null_valid = seq.text([""] * b)
             src, src_valid = np.concatenate([src, null]), np.concatenate([src_valid, null_valid])
-        ids = np.zeros([src.shape[0], self.text_len + n], np.int64)
-        ids[:, :self.text_len] = src
-        ids[:, self.text_len] = self.boi_id
-        valid = np.concatenate([src_valid, np.ones([src.shape[0], n], bool)], 1)
+        ids, valid, _ = seq.text_to_image((src, src_valid))
         dec = self.make_decoder("t2i", ids, valid, **decoder_options)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(st.seed)
         out = np.zeros([b, n], np.int64)
         for k in range(n):
             logits = dec.logits_at(dec.t0 + k)
             if guided:
-                logits = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
-            tok = sample_from(filter_logits(logits, temperature, top_k, top_p), rng)
+                logits = logits[b:] + st.cfg_scale * (logits[:b] - logits[b:])
+            tok = sample_from(filter_logits(logits, st.temperature, st.top_k, st.top_p), rng)
             out[:, k] = tok
             if k + 1 < n:
                 dec.ids[:, dec.t0 + k + 1] = np.concatenate([tok, tok]) if guided else tok
-        return out.reshape([len(texts), num_candidates, self.grid, self.grid])
+        return out.reshape([len(texts), st.candidates, seq.grid, seq.grid])
 
     # ---- image -> text (and VQA) ------------------------------------------------------------------------
     def _text_decoder(self, codes, question, decoder_options):
-        codes = np.asarray(codes).reshape([len(codes), -1]).astype(np.int64)
-        b, L = codes.shape[0], self.text_len
-        if question is None:
-            direction, parts, pvalid = "i2t", [codes], [np.ones(codes.shape, bool)]
-        else:
-            q, qv = self.text_source([question] * b if isinstance(question, str) else question)
-            direction, parts, pvalid = "vqa", [codes, q], [np.ones(codes.shape, bool), qv]
-        tgt = np.full([b, L], self.tok.pad_id, np.int64)
-        tgt[:, 0] = self.tok.bos_id
-        ids = np.concatenate(parts + [tgt], 1)
-        valid = np.concatenate(pvalid + [np.ones([b, L], bool)], 1)
-        return self.make_decoder(direction, ids, valid, **decoder_options)
+        q = None
+        if question is not None:
+            q = self.seq.text([question] * len(codes) if isinstance(question, str) else question)
+        ids, valid, _ = self.seq.image_to_text(codes, question=q)
+        return self.make_decoder("i2t" if question is None else "vqa", ids, valid, **decoder_options)
 
-    def decode_text(self, codes, method="greedy", max_len=None, beam_size=4, length_penalty=1.0,
-                    temperature=1.0, top_k=0, top_p=1.0, seed=0, question=None, **decoder_options):
-        """codes [B, grid, grid] -> list of dicts(text, ids, score: sum of log-probs / length**penalty)."""
-        max_len = min(max_len or self.text_len, self.text_len)
-        if method == "beam":
-            return self._beam(codes, max_len, beam_size, length_penalty, question, decoder_options)
-        if method not in ("greedy", "sample"):
-            raise ValueError(f"unknown decoding method {method!r} (greedy, sample or beam)")
+    def decode_text(self, codes, settings, question=None, **decoder_options):
+        """codes [B, grid, grid] -> list of dicts(text, ids, score: sum of log-probs / length**penalty, logprob)
+        decoded by settings.caption_method; with `question` (a string, or one per image) the answers (VQA)."""
+        st, tok = settings, self.seq.tok
+        max_len = min(st.max_len or self.seq.text_len, self.seq.text_len)
+        if st.caption_method == "beam":
+            return self._beam(codes, max_len, st.beam_size, st.length_penalty, question, decoder_options)
+        sample = st.caption_method == "sample"
         dec = self._text_decoder(codes, question, decoder_options)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(st.seed)
         b = dec.ids.shape[0]
         out, score, done = [[] for _ in range(b)], np.zeros(b), np.zeros(b, bool)
         for k in range(max_len):
-            logp = filter_logits(self._text_logits(dec, dec.t0 + k), temperature if method == "sample" else 1.0,
-                                 top_k if method == "sample" else 0, top_p if method == "sample" else 1.0)
-            tok = sample_from(logp, rng) if method == "sample" else logp.argmax(-1)
+            logp = filter_logits(self._text_logits(dec, dec.t0 + k), st.temperature if sample else 1.0,
+                                 st.top_k if sample else 0, st.top_p if sample else 1.0)
+            nxt = sample_from(logp, rng) if sample else logp.argmax(-1)
             for i in np.nonzero(~done)[0]:
-                out[i].append(int(tok[i]))
-                score[i] += logp[i, tok[i]]
-            done |= tok == self.tok.eos_id
+                out[i].append(int(nxt[i]))
+                score[i] += logp[i, nxt[i]]
+            done |= nxt == tok.eos_id
             if done.all() or k + 1 == max_len:
                 break
-            dec.ids[:, dec.t0 + k + 1] = tok
-        return [{"text": self.tok.decode(o), "ids": o, "score": float(s / max(len(o), 1) ** length_penalty),
+            dec.ids[:, dec.t0 + k + 1] = nxt
+        return [{"text": tok.decode(o), "ids": o, "score": float(s / max(len(o), 1) ** st.length_penalty),
                  "logprob": float(s)} for o, s in zip(out, score)]
 
     def _text_logits(self, dec, slot):
         """Text logits without the padding rows of a vocabulary padded beyond the tokenizer (never produced)."""
         logits = dec.logits_at(slot)
-        logits[:, self.tok.vocab_size:] = -np.inf
+        logits[:, self.seq.tok.vocab_size:] = -np.inf
         return logits
 
     def _beam(self, codes, max_len, k, alpha, question, decoder_options):
         b = len(codes)
         dec = self._text_decoder(np.repeat(np.asarray(codes), k, 0), question, decoder_options)
-        eos = self.tok.eos_id
+        eos = self.seq.tok.eos_id
         beam_logp = np.tile(np.r_[0.0, np.full(k - 1, -np.inf)], b)  # start from one live beam per item
         seqs = [[] for _ in range(b * k)]
         finished = [[] for _ in range(b)]  # (score, logprob, ids)
@@ -170,5 +231,5 @@ class Decoding:
         results = []
         for i in range(b):
             score, lp, ids = max(finished[i], key=lambda f: f[0])
-            results.append({"text": self.tok.decode(ids), "ids": ids, "score": float(score), "logprob": float(lp)})
+            results.append({"text": self.seq.tok.decode(ids), "ids": ids, "score": float(score), "logprob": float(lp)})
         return results

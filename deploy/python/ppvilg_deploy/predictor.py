@@ -1,20 +1,23 @@
 """Text->image, image->text and VQA with Paddle Inference predictors over a folder from tools/export_model.py.
 
     pipe = DeployPipeline("output/demo/export", device="cpu", threads=1)
-    images, codes = pipe.text_to_image(["左上角有一个小红色圆形"], num_candidates=4, seed=0)
+    images, codes = pipe.text_to_image(["左上角有一个小红色圆形"], candidates=4, seed=0)
     pipe.caption(images_rgb)                 # -> list of dicts(text, ids, score, logprob)
     pipe.answer(images_rgb, "这是什么颜色")
 
-Only paddle (its inference predictors and tensors), numpy, OpenCV and the tokenizer are used; the decoding algorithms are the ones the
-training package runs (ppvilg_deploy.decoding), so seeds and greedy decoding give the same results.
+Only paddle (its inference predictors and tensors), numpy, OpenCV and the tokenizer are used; the sequences and
+decoding algorithms are the ones the training package runs (ppvilg_deploy.sequences, ppvilg_deploy.decoding), so
+seeds and greedy decoding give the same results. Unset sampler options take the export's defaults
+(inference.yml's sampler: the Eval section of the exported checkpoint) in `pipe.sampler`.
 """
 import os
 
 import numpy as np
 import yaml
 
-from ppvilg_deploy.decoding import Decoding
+from ppvilg_deploy.decoding import Decoding, SamplerSettings
 from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_image
+from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg_deploy.tokenizer import TextTokenizer
 
 
@@ -114,10 +117,13 @@ class DeployPipeline(Decoding):
         if self.info.get("format") != "ppvilg-inference/1":
             raise ExportError(f"{path}: unknown format {self.info.get('format')!r}")
         m = self.info["model"]
-        self.text_len, self.grid, self.boi_id = m["text_len"], m["grid"], m["boi_id"]
-        self.image_size = self.info["image"]["size"]
-        self.sampler = self.info.get("sampler", {})
-        self.tok = TextTokenizer(os.path.join(folder, self.info["tokenizer"]["vocab_file"]))
+        self.grid, self.image_size = m["grid"], self.info["image"]["size"]
+        try:
+            self.sampler = SamplerSettings.from_mapping(self.info.get("sampler"))
+        except ValueError as e:
+            raise ExportError(f"{path}: sampler: {e}") from None
+        self.text_tokenizer = TextTokenizer(os.path.join(folder, self.info["tokenizer"]["vocab_file"]))
+        self.seq = SequenceBuilder(self.text_tokenizer, m["text_len"], m["grid"], m["boi_id"])
         with np.load(os.path.join(folder, "masks.npz")) as z:
             self.masks = {k: z[k] for k in z.files}
         opts = dict(device=device, threads=threads, mkldnn=mkldnn, memory_optim=memory_optim, precision=precision,
@@ -145,19 +151,17 @@ class DeployPipeline(Decoding):
         return out.reshape(codes.shape[:-2] + out.shape[1:])
 
     # ---- the three tasks --------------------------------------------------------------------------------
-    def text_to_image(self, texts, num_candidates=None, temperature=None, top_k=None, top_p=None, cfg_scale=None,
-                      seed=None, truncate=False):
-        """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid]); unset sampler
-        options take the exported defaults (inference.yml)."""
-        s = self.sampler
-        pick = (lambda v, k, d: v if v is not None else s.get(k, d))
-        codes = self.sample_codes(texts, pick(num_candidates, "candidates", 1), pick(temperature, "temperature", 1.0),
-                                  pick(top_k, "top_k", 0), pick(top_p, "top_p", 1.0), pick(cfg_scale, "cfg_scale", 1.0),
-                                  pick(seed, "seed", 0), truncate)
+    def settings(self, sampler=None, **changes):
+        """`sampler` (default: the export's, self.sampler) with `changes` (SamplerSettings fields)."""
+        return (sampler or self.sampler).replace(**changes)
+
+    def text_to_image(self, texts, sampler=None, truncate=False, **changes):
+        """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid]), N = candidates."""
+        codes = self.sample_codes(texts, self.settings(sampler, **changes), truncate)
         return self.decode(codes), codes
 
-    def caption(self, images, **options):
-        return self.decode_text(self.encode(images), **options)
+    def caption(self, images, sampler=None, **changes):
+        return self.decode_text(self.encode(images), self.settings(sampler, **changes))
 
-    def answer(self, images, question, **options):
-        return self.decode_text(self.encode(images), question=question, **options)
+    def answer(self, images, question, sampler=None, **changes):
+        return self.decode_text(self.encode(images), self.settings(sampler, **changes), question=question)

@@ -1,0 +1,31 @@
+"""The sampler options of the command lines (tools/infer.py over a checkpoint, deploy/python/infer.py over an
+export): one flag per SamplerSettings field; a flag not given keeps the model's default (the checkpoint's Eval
+section, or the export's inference.yml)."""
+from ppvilg_deploy.decoding import CAPTION_METHODS
+
+# flag -> (SamplerSettings field, type, help); every field has one (tests/test_generation.py checks)
+FLAGS = {
+    "--num": ("candidates", int, "text->image: images to sample per prompt"),
+    "--temperature": ("temperature", float, "sampling temperature (0: always the most likely token)"),
+    "--top-k": ("top_k", int, "keep the k most likely tokens (0: off)"),
+    "--top-p": ("top_p", float, "nucleus sampling: keep the smallest set with this much probability (1: off)"),
+    "--cfg-scale": ("cfg_scale", float, "text->image: classifier-free guidance scale (1: off)"),
+    "--seed": ("seed", int, "sampling seed"),
+    "--method": ("caption_method", str, f"caption / answer decoding: {', '.join(CAPTION_METHODS)}"),
+    "--beam-size": ("beam_size", int, "beam search: beams per image"),
+    "--length-penalty": ("length_penalty", float, "beam search: score = log-prob / length ** penalty"),
+    "--max-len": ("max_len", int, "caption / answer: at most this many tokens (default: the model's text length)"),
+}
+
+
+def add_sampler_arguments(parser, defaults_from):
+    """Add the sampler flags; `defaults_from` says where unset ones come from (shown in --help)."""
+    group = parser.add_argument_group(f"sampler (an option not given takes its default from {defaults_from})")
+    for flag, (field, kind, text) in FLAGS.items():
+        extra = {"choices": CAPTION_METHODS} if field == "caption_method" else {}
+        group.add_argument(flag, dest=field, type=kind, default=None, help=text, **extra)
+
+
+def sampler_changes(args):
+    """{field: value} of the sampler flags given on the command line."""
+    return {field: getattr(args, field) for field, _, _ in FLAGS.values() if getattr(args, field) is not None}
