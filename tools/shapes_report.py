@@ -9,7 +9,6 @@ image's codes are captioned (beam search); the caption's attribute words are rea
 are computed against every template phrasing of the true attributes (Chinese and English). Writes
 <out>/report.json, <out>/t2i/*.png and <out>/t2i_grid.png.
 """
-import json
 import os
 import sys
 import time

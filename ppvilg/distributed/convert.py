@@ -8,7 +8,6 @@ rank's slice of the tensor-parallel parameters (ppvilg.models.vilg.MP_SPLIT_AXES
 of another layout; tools/convert_checkpoint.py and Global.init_weights use both.
 """
 import os
-import re
 
 import numpy as np
 import paddle

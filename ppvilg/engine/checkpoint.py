@@ -22,7 +22,7 @@ import numpy as np
 import paddle
 
 from ppvilg.config import load_resolved, save_config
-from ppvilg.utils.io import AtomicDir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ppvilg.utils.io import AtomicDir, atomic_write_json, atomic_write_text
 
 
 class CheckpointError(RuntimeError):
