@@ -342,12 +342,20 @@ def save_config(cfg, path):
 
 
 def load_resolved(path):
-    """Read a config written by save_config (a checkpoint's config.yaml), frozen, without re-deriving;
-    sections renamed since it was written get their new names (when its task is registered)."""
+    """Read a config written by save_config (a checkpoint's config.yaml), frozen, without re-deriving."""
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        return parse_resolved(f.read(), path)
+
+
+def parse_resolved(text, origin):
+    """A resolved config from its YAML text (yaml.safe_load), frozen; sections renamed since it was written get
+    their new names (when its task is registered)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(data).__name__}")
     task = (data.get("Global") or {}).get("task")
     if task in TASKS:
         for old, new in TASKS.get(task).renamed_sections.items():

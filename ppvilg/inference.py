@@ -10,19 +10,17 @@ Generator.
 Unset sampler options take `vilg.sampler` (a SamplerSettings: the checkpoint's Eval section), as the exported
 predictors take the export's; any of its fields can be given per call (`temperature=0.7, cfg_scale=1.5`).
 
-A checkpoint trained end to end (Loss.end_to_end: it holds reconstructor.pdparams) turns generated codes into
+A checkpoint trained end to end (Loss.end_to_end: it holds reconstructor.safetensors) turns generated codes into
 pixels the paper's way: one forward over the generated sequence collects the generator's hidden states at the
 image positions and the end-to-end reconstructor decodes them (`reconstructor == "end_to_end"`); otherwise the
 image tokenizer's decoder decodes the codes (`"vq_decoder"`). `use_e2e=False` forces the tokenizer's decoder.
 """
-import os
 
 import numpy as np
 import paddle
 
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array, to_uint8_image
-from ppvilg.engine.checkpoint import CheckpointError, load_model, load_state_strict
-from ppvilg.engine.vilg_task import build_vilg, load_matching_image_tokenizer
+from ppvilg.checkpoints import CheckpointError, has_module, load_matching_image_tokenizer, load_model, load_module
 from ppvilg.generation import Generator, SamplerSettings
 from ppvilg.models.reconstructor import E2EReconstructor
 from ppvilg.text.tokenizer import TextTokenizer
@@ -48,16 +46,16 @@ class ViLGInference:
 
     @classmethod
     def from_checkpoint(cls, path, image_tokenizer_checkpoint=None, use_e2e=True):
-        model, cfg, folder = load_model(path, "vilg", build_vilg)
+        model, cfg, folder = load_model(path, "vilg")
         tok_path = image_tokenizer_checkpoint or cfg.ImageTokenizer.checkpoint
         if not tok_path:
             raise CheckpointError(f"{folder}: its config names no ImageTokenizer.checkpoint; give the stage-1 "
                                   "checkpoint")
         image_tokenizer, image_tokenizer_cfg = load_matching_image_tokenizer(tok_path, model.config)
         e2e = None
-        if use_e2e and os.path.isfile(os.path.join(folder, "reconstructor.pdparams")):
+        if use_e2e and has_module(folder, "reconstructor"):
             e2e = E2EReconstructor(model.config.hidden_size, image_tokenizer.config)
-            load_state_strict(e2e, os.path.join(folder, "reconstructor.pdparams"))
+            load_module(e2e, folder, "reconstructor")
             e2e.eval()
         sampler = SamplerSettings.from_mapping(cfg.Eval.to_dict() if "Eval" in cfg else {})
         return cls(model, TextTokenizer(cfg.Text.vocab_file), image_tokenizer, image_tokenizer_cfg, folder, e2e,

@@ -39,5 +39,15 @@ def model_config(section):
     cls = MODEL_CONFIGS.get(section["name"])
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in section.items() if k in fields})
-# name -> Task class (ppvilg.engine.task.Task subclass): builds model, losses, evaluation for a training stage
+
+# name -> the model's Layer class, built from its config dataclass: MODELS.get(name)(model_config(section))
+MODELS = Registry("model class")
+
+
+def build_model(section):
+    """The model of a resolved `Model` config section (as a checkpoint's config.yaml holds it)."""
+    return MODELS.get(section["name"])(model_config(section))
+
+
+# name -> Task class (ppvilg.engine.task_interface.Task subclass): builds model, losses, evaluation for a stage
 TASKS = Registry("task")

@@ -41,7 +41,7 @@ def run_dirs(tmp_path_factory):
     from ppvilg.data.shards import tokenize_to_shards
     from ppvilg.engine.tasks import build_task
     from ppvilg.engine.trainer import Trainer
-    from ppvilg.engine.vqgan_task import load_image_tokenizer
+    from ppvilg.checkpoints import load_image_tokenizer
     from ppvilg.utils.runtime import seed_everything
     root = tmp_path_factory.mktemp("pipeline")
     seed_everything(0)

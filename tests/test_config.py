@@ -69,7 +69,8 @@ def test_frozen_and_saved_round_trip(tmp_path):
 
 def _random_vgg_weights(path):
     from paddle.vision.models import vgg16
-    paddle.save(vgg16(pretrained=False, with_pool=False, num_classes=0).state_dict(), str(path))
+    from ppvilg.checkpoints import write_tensors
+    write_tensors(str(path), vgg16(pretrained=False, with_pool=False, num_classes=0).state_dict())
 
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs/**/*.yaml"), recursive=True)
@@ -84,8 +85,8 @@ def test_every_config_loads_and_builds(path, tmp_path):
     overrides = [f"Distributed.world_size={n}"] if n > 1 else []  # a cluster layout: validate it for its size
     cfg = load_config(path, overrides)
     if cfg.get("Loss", {}).get("perceptual_weight", 0) > 0:  # weights are the user's file: use random ones
-        _random_vgg_weights(tmp_path / "vgg16.pdparams")
-        overrides.append(f"Loss.perceptual_weights={tmp_path / 'vgg16.pdparams'}")
+        _random_vgg_weights(tmp_path / "vgg16.safetensors")
+        overrides.append(f"Loss.perceptual_weights={tmp_path / 'vgg16.safetensors'}")
     with paddle.LazyGuard():  # parameters are declared, not allocated: the 10B preset builds in MBs
         task = build_task(load_config(path, overrides), ParallelState.single())   # the model of one process
     assert sum(p.size for p in task.modules()["model"].parameters()) > 0

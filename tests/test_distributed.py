@@ -21,7 +21,7 @@ from conftest import ROOT
 from ppvilg.config import load_config
 from ppvilg.distributed import convert
 from ppvilg.distributed.env import ParallelState
-from ppvilg.engine.checkpoint import resolve_checkpoint, save_checkpoint
+from ppvilg.checkpoints import load_model, read_full_state, resolve_checkpoint, save_checkpoint, weight_file
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
 from ppvilg.models.vilg import ViLG, ViLGConfig
@@ -49,11 +49,11 @@ def reference(tiny_shards, tmp_path_factory):
     cfg = load_config(TINY, _overrides(tiny_shards, root / "ref", init))
     seed_everything(0)
     task = build_task(cfg)
-    save_checkpoint(str(init), cfg, task.modules(), {}, {"step": 0, "task": "vilg", "model": "vilg"})
+    save_checkpoint(str(init), cfg, {"model": task.model.state_dict()}, {}, {"step": 0, "task": "vilg", "model": "vilg"})
     cfg = load_config(TINY, _overrides(tiny_shards, root / "ref", init) + ["Train.accum_steps=2"])
     trainer = Trainer(cfg, build_task(cfg))
     trainer.fit()
-    final = convert.read_full_state(resolve_checkpoint(str(root / "ref")))
+    final = read_full_state(resolve_checkpoint(str(root / "ref")))
     return tiny_shards, init, [h["loss"] for h in trainer.history], final, root
 
 
@@ -84,7 +84,7 @@ def test_two_processes_equal_one(reference, name, extra, data_parallel):
     if data_parallel:  # each rank logs the loss of its half of the batch
         losses = [(a["loss"] + b["loss"]) / 2 for a, b in zip(*hist)]
     np.testing.assert_allclose(losses, ref_losses, atol=TOL, rtol=0)
-    final = convert.read_full_state(resolve_checkpoint(str(out)))
+    final = read_full_state(resolve_checkpoint(str(out)))
     assert sorted(final) == sorted(ref_final)
     for k in ref_final:
         np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)
@@ -134,15 +134,14 @@ def test_convert_tool_round_trip(reference, tmp_path):
     _, _, _, ref_final, root = reference
     convert_main(["--src", str(root / "ref"), "--dst", str(tmp_path / "mp2pp2"), "--mp", "2", "--pp", "2"])
     assert sorted(os.listdir(tmp_path / "mp2pp2")) == sorted(
-        ["config.yaml", "trainer_state.json"] + [convert.weight_file(m, p, 2, 2) for m in range(2) for p in range(2)])
+        ["config.yaml", "index.json", "trainer_state.json"] + [weight_file("model", m, p, 2, 2) for m in range(2)
+                                                                for p in range(2)])
     convert_main(["--src", str(tmp_path / "mp2pp2"), "--dst", str(tmp_path / "single")])
-    back = convert.read_full_state(str(tmp_path / "single"))
+    back = read_full_state(str(tmp_path / "single"))
     for k in ref_final:
         np.testing.assert_array_equal(back[k], ref_final[k])
     # the merged folder is an ordinary single-process checkpoint for inference
-    from ppvilg.engine.checkpoint import load_model
-    from ppvilg.engine.vilg_task import build_vilg
-    model, _, _ = load_model(str(tmp_path / "single"), "vilg", build_vilg)
+    model, _, _ = load_model(str(tmp_path / "single"), "vilg")
     assert model.config.num_layers == 2
     with pytest.raises(SystemExit, match="exceeds"):
         convert_main(["--src", str(root / "ref"), "--dst", str(tmp_path / "bad"), "--pp", "3"])
@@ -222,12 +221,13 @@ def test_parallel_resume_equals_uninterrupted(reference):
     """pp = 2 stopped after step 1 and resumed from its per-rank checkpoint ends where the 2-step run ends."""
     _, _, ref_losses, ref_final, root = reference
     first, _ = _launch(reference, "pp2_first", ["Distributed.pp_degree=2", "Train.accum_steps=2", "Train.max_steps=1"])
-    assert sorted(f for f in os.listdir(resolve_checkpoint(str(first))) if f.endswith(".pdopt")) == \
-        ["model.rank000.pdopt", "model.rank001.pdopt"]
+    assert sorted(f for f in os.listdir(resolve_checkpoint(str(first))) if ".opt." in f or f.startswith("rng")) == \
+        ["model.rank000.opt.json", "model.rank000.opt.safetensors", "model.rank001.opt.json",
+         "model.rank001.opt.safetensors", "rng.rank000.json", "rng.rank001.json"]
     out, hist = _launch(reference, "pp2_resumed", ["Distributed.pp_degree=2", "Train.accum_steps=2",
                                                    f"Global.resume={first}"])
     assert [h["step"] for h in hist[0]] == [2]
     np.testing.assert_allclose(hist[0][0]["loss"], ref_losses[1], atol=TOL, rtol=0)
-    final = convert.read_full_state(resolve_checkpoint(str(out)))
+    final = read_full_state(resolve_checkpoint(str(out)))
     for k in ref_final:
         np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)

@@ -67,13 +67,13 @@ def test_torchscript_reader_rejects_a_wrong_file(tmp_path):
     from ppvilg.metrics.inception import convert_reference
     (tmp_path / "x.pt").write_bytes(b"not it")
     with pytest.raises(ValueError, match="SHA-1"):
-        convert_reference(str(tmp_path / "x.pt"), str(tmp_path / "out.pdparams"))
+        convert_reference(str(tmp_path / "x.pt"), str(tmp_path / "out.safetensors"))
 
 
 def test_missing_weights_error_names_the_command(tmp_path):
     from ppvilg.metrics.inception import MissingWeightsError, load_inception
     with pytest.raises(MissingWeightsError, match="tools/get_fid_weights.py"):
-        load_inception(str(tmp_path / "none.pdparams"))
+        load_inception(str(tmp_path / "none.safetensors"))
 
 
 def test_caption_metrics_jieba_and_char_modes():

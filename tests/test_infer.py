@@ -37,7 +37,7 @@ def test_infer_caption_and_answer(run_dirs):
 
 def test_infer_takes_its_sampler_defaults_from_the_checkpoint(run_dirs):
     from ppvilg.config import load_resolved
-    from ppvilg.engine.checkpoint import resolve_checkpoint
+    from ppvilg.checkpoints import resolve_checkpoint
     from ppvilg_deploy.decoding import SamplerSettings
     ev = load_resolved(os.path.join(resolve_checkpoint(str(run_dirs / "vilg")), "config.yaml")).Eval
     r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(run_dirs / "red.png"), "--json",

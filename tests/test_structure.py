@@ -100,3 +100,21 @@ def test_layers_depend_one_way():
 def test_no_module_global_parallel_state():
     import ppvilg.distributed.env as env
     assert not hasattr(env, "current") and not hasattr(env, "_STATE")
+
+
+def test_nothing_reads_pickle_but_the_explicit_legacy_converter():
+    """paddle.load / pickle.load run code from the file they read: only tools/convert_checkpoint.py's
+    --legacy-pickle path may call them."""
+    found = []
+    for folder in ("ppvilg", "tools", "deploy", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                if not f.endswith(".py") or path.endswith(os.path.join("tools", "convert_checkpoint.py")):
+                    continue
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+                for needle in ("paddle.load(", "pickle.load(", "pickle.loads(", "allow_pickle=True"):
+                    if needle in text:   # (np.load without allow_pickle reads plain arrays only)
+                        found.append(f"{os.path.relpath(path, ROOT)}: {needle}")
+    assert not found, found

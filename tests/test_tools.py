@@ -13,7 +13,7 @@ from ppvilg.data.datasets import build_dataset
 from ppvilg.data.shards import CodeShards, ShardError, tokenize_to_shards
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
-from ppvilg.engine.vqgan_task import load_image_tokenizer
+from ppvilg.checkpoints import load_image_tokenizer
 
 TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
 

@@ -6,10 +6,9 @@ import pytest
 
 from conftest import ROOT
 from ppvilg.config import load_config
-from ppvilg.engine.checkpoint import CheckpointError, load_state_strict, resolve_checkpoint
+from ppvilg.checkpoints import CheckpointError, load_image_tokenizer, load_module, resolve_checkpoint
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
-from ppvilg.engine.vqgan_task import load_image_tokenizer
 from ppvilg.utils.runtime import seed_everything
 
 TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
@@ -94,25 +93,28 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_checkpoint_folder_round_trip_and_strict_loading(tmp_path):
     trainer, _ = _train(_cfg(tmp_path, "Train.max_steps=2"))
     folder = resolve_checkpoint(str(tmp_path))
-    assert sorted(os.listdir(folder)) == ["config.yaml", "disc.pdparams", "discriminator.pdopt",
-                                          "generator.pdopt", "model.pdparams", "rng.pkl", "trainer_state.json"]
+    assert sorted(os.listdir(folder)) == ["config.yaml", "disc.safetensors", "discriminator.opt.json",
+                                          "discriminator.opt.safetensors", "generator.opt.json",
+                                          "generator.opt.safetensors", "index.json", "model.safetensors", "rng.json",
+                                          "trainer_state.json"]
     model, ckpt_cfg, _ = load_image_tokenizer(str(tmp_path))
     assert ckpt_cfg.Model == trainer.cfg.Model
     for k, v in trainer.task.model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), model.state_dict()[k].numpy())
     bigger = build_task(_cfg(tmp_path, "Model.num_codes=32")).model
     with pytest.raises(CheckpointError, match="codebook.*shape"):
-        load_state_strict(bigger, os.path.join(folder, "model.pdparams"))
+        load_module(bigger, folder, "model")
     with pytest.raises(CheckpointError, match="not a ppvilg checkpoint"):
         resolve_checkpoint(str(tmp_path / "nowhere"))
 
 
 def test_perceptual_loss_reads_user_weights(tmp_path):
     from paddle.vision.models import vgg16
+    from ppvilg.checkpoints import write_tensors
     from ppvilg.vq.losses import VGGPerceptual
     with pytest.raises(FileNotFoundError, match="perceptual_weights"):
-        VGGPerceptual(str(tmp_path / "none.pdparams"))
-    paddle.save(vgg16(pretrained=False, with_pool=False, num_classes=0).state_dict(), str(tmp_path / "v.pdparams"))
-    loss = VGGPerceptual(str(tmp_path / "v.pdparams"))
+        VGGPerceptual(str(tmp_path / "none.safetensors"))
+    write_tensors(str(tmp_path / "v.safetensors"), vgg16(pretrained=False, with_pool=False, num_classes=0).state_dict())
+    loss = VGGPerceptual(str(tmp_path / "v.safetensors"))
     x = paddle.uniform([1, 3, 32, 32], min=-1, max=1)
     assert float(loss(x, x).sum()) == 0.0 and float(loss(x, -x).sum()) > 0

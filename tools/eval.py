@@ -20,7 +20,7 @@ from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
 from ppvilg.config import to_config  # noqa: E402
 from ppvilg.data.datasets import build_dataset  # noqa: E402
 from ppvilg.data.images import make_grid, write_png  # noqa: E402
-from ppvilg.engine.checkpoint import load_state_strict, read_meta, resolve_checkpoint  # noqa: E402
+from ppvilg.checkpoints import load_module, read_meta, resolve_checkpoint  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
 from ppvilg.metrics.inception import MissingWeightsError  # noqa: E402
 from ppvilg.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -33,7 +33,7 @@ def reconstruction(cfg, folder, meta, ckpt_cfg, split):
         if section in ckpt_cfg:
             merged[section] = ckpt_cfg[section].to_dict()
     task = build_task(to_config(merged).freeze())
-    load_state_strict(task.modules()["model"], os.path.join(folder, "model.pdparams"))
+    load_module(task.model, folder, "model")
     task.eval()
     dataset = build_dataset(cfg.Data[split], cfg.Data.image_size)
     get_logger().info(f"evaluating {folder} on Data.{split} ({len(dataset)} pairs)")

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402  (sets up warnings first)
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
-from ppvilg.engine.checkpoint import CheckpointError  # noqa: E402
+from ppvilg.checkpoints import CheckpointError  # noqa: E402
 
 
 def main(argv=None):

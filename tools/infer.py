@@ -18,7 +18,7 @@ from ppvilg.utils.runtime import setup_device  # noqa: E402
 import cv2  # noqa: E402
 
 from ppvilg.data.images import BadImageError, make_grid, write_png  # noqa: E402
-from ppvilg.engine.checkpoint import CheckpointError  # noqa: E402
+from ppvilg.checkpoints import CheckpointError  # noqa: E402
 from ppvilg.text.tokenizer import TextTooLongError  # noqa: E402
 from ppvilg_deploy.cli import add_sampler_arguments, sampler_changes  # noqa: E402
 

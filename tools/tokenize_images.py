@@ -17,7 +17,7 @@ from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
 from ppvilg.data.datasets import build_dataset  # noqa: E402
 from ppvilg.data.shards import tokenize_to_shards  # noqa: E402
-from ppvilg.engine.vqgan_task import load_image_tokenizer  # noqa: E402
+from ppvilg.checkpoints import load_image_tokenizer  # noqa: E402
 
 
 def main(argv=None):

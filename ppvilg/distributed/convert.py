@@ -1,25 +1,16 @@
 """Model weights across parallel layouts.
 
-A checkpoint written by a run with tensor parallel degree mp and pipeline degree pp holds one weight file per
-(mp rank, pp rank): `model.mp{m:02d}.pp{p:02d}.pdparams`, keyed by ViLG's parameter names, each with its
-rank's slice of the tensor-parallel parameters (ppvilg.models.vilg.MP_SPLIT_AXES) and its stage's layers
-(ppvilg.models.vilg_pp.stage_of). With mp = pp = 1 (any data parallel / sharding degree) it is one
-`model.pdparams`. `merge` turns any layout into the single-process state; `split` cuts that state for one rank
-of another layout; tools/convert_checkpoint.py and Global.init_weights use both.
+A run with tensor parallel degree mp and pipeline degree pp keeps one weight state per (mp rank, pp rank),
+keyed by ViLG's parameter names, each with its rank's slice of the tensor-parallel parameters
+(ppvilg.models.vilg.MP_SPLIT_AXES) and its stage's layers (ppvilg.models.vilg_pp.stage_of); ppvilg.checkpoints
+stores them one file each. `merge` turns any layout into the single-process state; `split` cuts that state for
+one rank of another layout; tools/convert_checkpoint.py and Global.init_weights use both.
 """
-import os
-
 import numpy as np
 import paddle
 
 from ppvilg.models.vilg import mp_split_axis
 from ppvilg.models.vilg_pp import stage_of
-
-
-def weight_file(mp_rank=0, pp_rank=0, mp=1, pp=1, module="model"):
-    if mp == 1 and pp == 1:
-        return f"{module}.pdparams"
-    return f"{module}.mp{mp_rank:02d}.pp{pp_rank:02d}.pdparams"
 
 
 def _numpy(v):
@@ -54,24 +45,3 @@ def merge(shards, mp, pp):
             axis = mp_split_axis(name) if mp > 1 else None
             full[name] = np.concatenate(parts, axis=axis) if axis is not None else parts[0]
     return full
-
-
-def read_layout(folder):
-    """(mp, pp) of a checkpoint folder, from its trainer_state.json (single process if absent)."""
-    import json
-    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-        par = json.load(f).get("parallel") or {}
-    return par.get("mp", 1), par.get("pp", 1)
-
-
-def read_full_state(folder, module="model"):
-    """The single-process weights of `module` in a checkpoint folder of any layout."""
-    mp, pp = read_layout(folder)
-    shards = {}
-    for m in range(mp):
-        for p in range(pp):
-            path = os.path.join(folder, weight_file(m, p, mp, pp, module))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: missing (the checkpoint was written with mp={mp}, pp={pp})")
-            shards[(m, p)] = paddle.load(path)
-    return merge(shards, mp, pp)

@@ -5,7 +5,7 @@ evaluation scheduling and checkpoints, and never branches on which task it runs.
 a task but what this class declares. A task registers under a name (`ppvilg.registry.TASKS`, `Global.task`);
 its config sections and validator are read by ppvilg.config from the registered class.
 """
-from ppvilg.engine.checkpoint import set_state_strict
+from ppvilg.checkpoints import set_state_strict
 
 
 class Task:

@@ -8,18 +8,15 @@ terminal, VisualDL scalars and image grids; evaluation and checkpoints run every
 Resume restores weights, optimizers, schedules, scalers, RNG states and the data position exactly.
 """
 import os
-import shutil
 import time
 
 import paddle
 from tqdm import tqdm
 
-from ppvilg.config import save_config
 from ppvilg.data.datasets import build_dataset, train_loader
-from ppvilg.distributed import convert
-from ppvilg.engine.checkpoint import (CheckpointError, mark_latest, read_meta,
-                                      resolve_checkpoint, restore_rng, save_checkpoint, save_rng)
-from ppvilg.utils.io import atomic_write_json
+from ppvilg import checkpoints as ckpt
+from ppvilg.checkpoints import CheckpointError
+from ppvilg.config import save_config
 from ppvilg.utils.runtime import get_logger
 
 
@@ -127,12 +124,12 @@ class Trainer:
 
     def init_weights(self, path):
         """Model weights from a checkpoint of any parallel layout, cut for this rank; a fresh optimizer."""
-        folder = resolve_checkpoint(path)
-        meta, _ = read_meta(folder)
+        folder = ckpt.resolve_checkpoint(path)
+        meta, _ = ckpt.read_meta(folder)
         if meta.get("task") != self.cfg.Global.task:
             raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint cannot initialise a "
                                   f"'{self.cfg.Global.task}' run")
-        self.task.load_model_weights(convert.read_full_state(folder), folder)
+        self.task.load_model_weights(ckpt.read_full_state(folder), folder)
         par = self.par
         self.log.info(f"initialised the model from {folder} (mp={par.mp}, pp={par.pp} slice of rank {par.rank})")
 
@@ -147,47 +144,56 @@ class Trainer:
         state = {"step": self.step, "task": self.cfg.Global.task, "model": self.cfg.Model.name,
                  "skipped_images": self.skipped, "world_size": self.world}
         if not self.par.enabled:
-            save_checkpoint(folder, self.cfg, self.task.modules(), self.optimizer_states(), state)
-            mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
+            weights = {name: self.task.checkpoint_state(name) for name in self.task.modules()}
+            ckpt.save_checkpoint(folder, self.cfg, weights, self.optimizer_states(), state)
+            ckpt.mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
             self.log.info(f"saved checkpoint {folder}")
             return folder
         return self.save_parallel(folder, dict(state, parallel=self.par.describe()))
 
     def save_parallel(self, folder, state):
         """Every rank writes its files into one temporary folder (shared storage across nodes), which rank 0
-        renames when all are done: weights once per (mp rank, pp rank), optimizer and RNG state per rank."""
+        indexes and renames when all are done: weights once per (mp rank, pp rank), optimizer and RNG state per
+        rank."""
         from paddle import distributed as dist
         par, tmp = self.par, folder + ".partial"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.remove_leftovers(self.ckpt_dir)
             os.makedirs(tmp)
         dist.barrier()
         if par.sharding > 1 and par.stage == 3:
             self.task.gather_sharded_parameters()
         if par.writes_weights:
             for name in self.task.modules():
-                paddle.save(self.task.checkpoint_state(name),
-                            os.path.join(tmp, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name)))
+                ckpt.write_weights(tmp, self.task.checkpoint_state(name), name, par.mp_rank, par.pp_rank, par.mp,
+                                   par.pp)
         for phase, st in self.optimizer_states().items():
-            paddle.save(st, os.path.join(tmp, f"{phase}.rank{self.rank:03d}.pdopt"))
-        save_rng(os.path.join(tmp, f"rng.rank{self.rank:03d}.pkl"), tracker=True)
+            ckpt.write_optimizer(tmp, phase, st, self.rank)
+        ckpt.write_rng(tmp, self.rank, tracker=True)
         dist.barrier()
         if self.rank == 0:
-            atomic_write_json(os.path.join(tmp, "trainer_state.json"), dict(state, paddle_version=paddle.__version__))
-            save_config(self.cfg, os.path.join(tmp, "config.yaml"))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
+            ckpt.finish(tmp, self.cfg, state)
+            ckpt.publish(tmp, folder)
+            ckpt.mark_latest(self.ckpt_dir, folder, self.cfg.Train.keep_checkpoints)
             self.log.info(f"saved checkpoint {folder} ({self.world} ranks)")
         dist.barrier()
         return folder
 
     def resume(self, path):
-        folder = resolve_checkpoint(path, self.out)
-        meta, _ = read_meta(folder)
+        """Restore weights, optimizers, schedules, scalers, RNG states and the step; with 'auto', the newest
+        checkpoint whose files all verify (a corrupt newer one is reported and skipped)."""
+        if path == "auto":
+            folder = self._newest_verified()
+            if folder is None:
+                self.log.info(f"Global.resume=auto: no checkpoint in {self.ckpt_dir}; starting from step 0")
+                return
+        else:
+            folder = ckpt.resolve_checkpoint(path, self.out)
+            ckpt.verify(folder)
+        meta, _ = ckpt.read_meta(folder)
         if meta.get("task") != self.cfg.Global.task:
-            raise RuntimeError(f"{folder}: a '{meta.get('task')}' checkpoint cannot resume a "
-                               f"'{self.cfg.Global.task}' run")
+            raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint cannot resume a "
+                                  f"'{self.cfg.Global.task}' run")
         saved = meta.get("parallel") or {"dp": 1, "mp": 1, "pp": 1, "sharding": 1, "sharding_stage": 1}
         if self.par.enabled and saved != self.par.describe() or not self.par.enabled and meta.get("parallel"):
             raise CheckpointError(f"{folder}: written with the layout {saved}, this run has {self.par.describe()}; "
@@ -195,20 +201,31 @@ class Trainer:
                                   "and start from them with -o Global.init_weights=... (a fresh optimizer)")
         par = self.par
         for name in self.task.modules():
-            path_w = os.path.join(folder, convert.weight_file(par.mp_rank, par.pp_rank, par.mp, par.pp, name))
-            if not os.path.isfile(path_w):
-                raise CheckpointError(f"{path_w}: missing (the checkpoint has no weights for this module)")
-            self.task.load_checkpoint_state(name, paddle.load(path_w), path_w)
-        suffix = f".rank{self.rank:03d}" if par.enabled else ""
+            state = ckpt.read_weights(folder, name, par.mp_rank, par.pp_rank, par.mp, par.pp)
+            origin = os.path.join(folder, ckpt.weight_file(name, par.mp_rank, par.pp_rank, par.mp, par.pp))
+            self.task.load_checkpoint_state(name, state, origin)
+        rank = self.rank if par.enabled else None
         for phase in self.opts:
-            st = paddle.load(os.path.join(folder, f"{phase}{suffix}.pdopt"))
+            st = ckpt.read_optimizer(folder, phase, rank)
             back = {v: k for k, v in self.param_names[phase].items()}
             self.opts[phase].set_state_dict(rename_optimizer_state(st["optimizer"], back))
             self.scheds[phase].set_state_dict(st["schedule"])
             self.scalers[phase].load_state_dict(st["scaler"])
-        restore_rng(folder, f"rng{suffix}.pkl")
+        ckpt.restore_rng(folder, rank)
         self.step, self.skipped = meta["step"], meta.get("skipped_images", 0)
         self.log.info(f"resumed from {folder} at step {self.step}")
+
+    def _newest_verified(self):
+        latest = os.path.join(self.ckpt_dir, "latest")
+        if not os.path.isfile(latest):
+            return None
+        for folder in ckpt.checkpoints_newest_first(self.ckpt_dir):
+            try:
+                ckpt.verify(folder)
+                return folder
+            except CheckpointError as e:
+                self.log.warning(f"Global.resume=auto: skipping {folder}: {e}")
+        raise CheckpointError(f"Global.resume=auto: no checkpoint in {self.ckpt_dir} verifies")
 
     # ---- logging -----------------------------------------------------------------------------------
     def _vdl(self):

@@ -16,7 +16,7 @@ import paddle
 
 from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
-from ppvilg.engine.checkpoint import CheckpointError
+from ppvilg.checkpoints import CheckpointError, load_matching_image_tokenizer
 from ppvilg.distributed import convert
 from ppvilg.engine.task_interface import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
@@ -28,23 +28,6 @@ from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
 from ppvilg_deploy.decoding import SamplerSettings
 from ppvilg_deploy.sequences import SequenceBuilder
-
-
-def build_vilg(model_section):
-    return ViLG(model_config(model_section))
-
-
-def load_matching_image_tokenizer(path, config):
-    """The frozen stage-1 image tokenizer at `path` and its config, checked against the transformer's
-    codes / grid."""
-    from ppvilg.engine.vqgan_task import load_image_tokenizer
-    vq, vq_cfg, folder = load_image_tokenizer(path)
-    grid = vq_cfg.Data.image_size // vq.config.downsample
-    if (vq.config.num_codes, grid) != (config.num_codes, config.grid):
-        raise CheckpointError(f"{folder}: the image tokenizer makes {vq.config.num_codes} codes on a {grid}x{grid} "
-                              f"grid, the transformer expects Model.num_codes={config.num_codes}, "
-                              f"Model.grid={config.grid}")
-    return vq, vq_cfg
 
 
 def _vocab_size(path):

@@ -7,7 +7,6 @@ import paddle
 from ppvilg.config import ConfigError
 from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
-from ppvilg.engine.checkpoint import load_model
 from ppvilg.engine.task_interface import Task
 from ppvilg.metrics.recon import codebook_stats, psnr, ssim
 from ppvilg.registry import TASKS, model_config
@@ -17,7 +16,7 @@ from ppvilg.vq.model import VQGAN
 
 
 def build_vqgan(model_section):
-    """A VQGAN from a resolved `Model` config section (as found in a checkpoint's config.yaml)."""
+    """A VQGAN (the image tokenizer) from a resolved `Model` config section."""
     return VQGAN(model_config(model_section))
 
 
@@ -41,7 +40,7 @@ class VQGANTask(Task):
             "recon": "l1",                # l1 | l2 (the paper writes ||x - x_hat||^2)
             "codebook_weight": 1.0,
             "perceptual_weight": 0.0,     # > 0 needs perceptual_weights
-            "perceptual_weights": None,   # path of a paddle.vision vgg16 state dict (.pdparams)
+            "perceptual_weights": None,   # path of a paddle.vision vgg16 state dict (.safetensors)
             "disc_weight": 0.5,
             "disc_start": 1000,           # step at which the adversarial terms switch on
             "disc_channels": 64,
@@ -82,7 +81,7 @@ class VQGANTask(Task):
             raise ConfigError(f"{origin}: Loss.recon must be l1 or l2, got {loss.recon!r}")
         if loss.perceptual_weight > 0 and not loss.perceptual_weights:
             raise ConfigError(f"{origin}: Loss.perceptual_weight > 0 needs Loss.perceptual_weights (a VGG16 "
-                              ".pdparams path); nothing is downloaded")
+                              ".safetensors path); nothing is downloaded")
 
     def __init__(self, cfg, parallel):
         super().__init__(cfg, parallel)
@@ -155,9 +154,3 @@ class VQGANTask(Task):
         metrics = {"psnr": p_sum / n, "ssim": s_sum / n, "codebook_usage": usage,
                    "codebook_perplexity": perplexity, "num_images": n, "skipped_images": skipped}
         return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}
-
-
-def load_image_tokenizer(path, output_dir=None):
-    """(the image tokenizer: a VQGAN in eval mode, the checkpoint's resolved config, its folder) from a stage-1
-    checkpoint."""
-    return load_model(path, "vqgan", build_vqgan, output_dir)

