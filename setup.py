@@ -11,6 +11,6 @@ setup(
     install_requires=[
         # paddlepaddle (CPU) or paddlepaddle-gpu is installed separately; see README
         "numpy>=2,<3", "opencv-python-headless", "PyYAML", "scipy", "scikit-image", "visualdl", "pycocotools", "tqdm",
-        "paddlenlp==2.8.1", "huggingface-hub<1.0", "aistudio-sdk<0.3", "jieba", "pycocoevalcap",
+        "paddlenlp==2.8.1", "huggingface-hub<1.0", "aistudio-sdk<0.3", "jieba", "pycocoevalcap", "safetensors",
     ],
 )

@@ -39,6 +39,8 @@ DATASET_DEFAULTS = {
     "lang": "both",          # shapes captions: zh | en | both
     "seed": 0,               # shapes: generator seed
     "limit": None,           # read at most this many pairs (None: all)
+    "on_bad_line": "error",  # manifest / benchmark lines that cannot be read: error (stop, naming the line) | skip
+    "allow_outside_paths": False,  # manifest image paths outside the manifest's folder: skipped unless true
 }
 
 SOURCES = ("shapes", "manifest", "coco", "coco_cn", "aic_icc", "shards")
@@ -57,6 +59,8 @@ GENERIC_SECTIONS = {
     "Data": {
         "image_size": 32,
         "num_workers": 0,
+        "max_image_pixels": 89478485,     # larger images (read from the header, never decoded) are skipped
+        "max_image_bytes": 268435456,     # larger files are skipped (256 MiB)
         "train": dict(DATASET_DEFAULTS),
         "eval": dict(DATASET_DEFAULTS, split="heldout", num_samples=256),
     },
@@ -298,11 +302,67 @@ def _rename_sections(raw, renamed, origin):
         raw[new] = raw.pop(old)
 
 
+# (key, lowest allowed, highest allowed or None, what 0 means where 0 is allowed)
+NUMBER_RANGES = (
+    ("Global.num_threads", 0, None, "paddle's default"),
+    ("Data.image_size", 1, None, None),
+    ("Data.num_workers", 0, None, "read in the main process"),
+    ("Data.max_image_pixels", 1, None, None),
+    ("Data.max_image_bytes", 1, None, None),
+    ("Train.max_steps", 1, None, None),
+    ("Train.batch_size", 1, None, None),
+    ("Train.accum_steps", 1, None, None),
+    ("Train.grad_clip", 0, None, "no clipping"),
+    ("Train.log_every", 1, None, None),
+    ("Train.eval_every", 0, None, "only at the end"),
+    ("Train.save_every", 0, None, "only at the end"),
+    ("Train.keep_checkpoints", 0, None, "keep all"),
+    ("Train.amp.init_loss_scaling", 1e-30, None, None),
+    ("Optimizer.lr", 1e-30, None, None),
+    ("Optimizer.weight_decay", 0, None, "none"),
+    ("Optimizer.warmup_steps", 0, None, "no warmup"),
+    ("Optimizer.min_lr_ratio", 0, 1, "decay to 0"),
+)
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_range(value, key, lo, hi=None, zero=None, origin=""):
+    """A ConfigError unless lo <= value (<= hi); `zero` says what 0 means where it is allowed."""
+    if value is None or (lo <= value and (hi is None or value <= hi)):
+        return
+    if lo >= 1e-30 and lo < 1:
+        want = "> 0"
+    elif hi is None:
+        want = f">= {lo}" + (f" (0: {zero})" if zero else "")
+    else:
+        want = f"in [{lo}, {hi}]"
+    raise ConfigError(f"{origin}: '{key}' must be {want}, got {value!r}")
+
+
 def validate_and_derive(cfg, origin):
+    for key, lo, hi, zero in NUMBER_RANGES:
+        check_range(_get(cfg, key), key, lo, hi, zero, origin)
+    for split in ("train", "eval"):
+        check_range(cfg.Data[split].num_samples, f"Data.{split}.num_samples", 1, origin=origin)
+        check_range(cfg.Data[split].limit, f"Data.{split}.limit", 1, origin=origin)
+    for k, b in enumerate(cfg.Optimizer.betas):
+        if not (isinstance(b, (int, float)) and 0 <= b < 1):
+            raise ConfigError(f"{origin}: 'Optimizer.betas[{k}]' must be in [0, 1), got {b!r}")
+    for key, value in cfg.Model.items():   # model sizes: counts are >= 1, rates and weights >= 0
+        if isinstance(value, bool) or key in ("name", "preset"):
+            continue
+        if isinstance(value, int):
+            check_range(value, f"Model.{key}", 1, origin=origin)
+        elif isinstance(value, float):
+            check_range(value, f"Model.{key}", 0, origin=origin)
     t = cfg.Train
-    if t.max_steps <= 0:
-        raise ConfigError(f"{origin}: Train.max_steps must be > 0, got {t.max_steps}")
-    if t.accum_steps < 1 or t.batch_size % t.accum_steps:
+    if t.batch_size % t.accum_steps:
         raise ConfigError(f"{origin}: Train.batch_size ({t.batch_size}) must be a multiple of "
                           f"Train.accum_steps ({t.accum_steps})")
     t.micro_batch_size = t.batch_size // t.accum_steps   # over all data-parallel ranks
@@ -328,8 +388,8 @@ def validate_and_derive(cfg, origin):
             raise ConfigError(f"{origin}: Data.{split}.path is required for source '{d.source}'")
         if d.lang not in ("zh", "en", "both"):
             raise ConfigError(f"{origin}: Data.{split}.lang must be zh, en or both, got {d.lang!r}")
-    if cfg.Data.image_size <= 0:
-        raise ConfigError(f"{origin}: Data.image_size must be > 0")
+        if d.on_bad_line not in ("error", "skip"):
+            raise ConfigError(f"{origin}: Data.{split}.on_bad_line must be error or skip, got {d.on_bad_line!r}")
     g = cfg.Global
     if not (g.device in ("auto", "cpu", "gpu") or g.device.startswith("gpu:")):
         raise ConfigError(f"{origin}: Global.device must be auto, cpu, gpu or gpu:N, got {g.device!r}")

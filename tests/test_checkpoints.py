@@ -170,3 +170,38 @@ def test_standalone_weight_files_must_be_safetensors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         ckpt.read_weights_file(str(tmp_path / "bad.safetensors"), "Loss.perceptual_weights")
+
+
+def test_kill_9_during_training_and_checkpoint_writes_still_resumes_to_the_same_result(tmp_path):
+    """A run killed with SIGKILL (checkpoints every step, so the kill often lands inside a write) and resumed
+    with Global.resume=auto ends with the weights of an uninterrupted run."""
+    import signal
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = ["-c", TINY, "-o", "Train.max_steps=24", "-o", "Train.save_every=1", "-o", "Train.keep_checkpoints=3",
+            "-o", "Train.eval_every=0", "-o", "Global.num_threads=1"]
+
+    def train(out, *extra):
+        return subprocess.run([sys.executable, "tools/train.py", *base, "-o", f"Global.output_dir={out}", *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    r = train(tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "tools/train.py", *base, "-o", f"Global.output_dir={killed}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = killed / "checkpoints" / "latest", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_00000008":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = train(killed, "-o", "Global.resume=auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    a = ckpt.read_full_state(ckpt.resolve_checkpoint(str(tmp_path / "full")))
+    b = ckpt.read_full_state(ckpt.resolve_checkpoint(str(killed)))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

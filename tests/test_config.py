@@ -124,3 +124,20 @@ def test_config_without_registered_tasks_says_what_to_import():
             "print(sorted(m for m in sys.modules if m.startswith('ppvilg.engine')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "import ppvilg.engine.tasks first" in r.stdout and r.stdout.strip().endswith("[]"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("Train.batch_size=-4", "'Train.batch_size' must be >= 1, got -4"),
+    ("Train.save_every=-1", r"'Train.save_every' must be >= 0 \(0: only at the end\)"),
+    ("Train.eval_every=-5", "'Train.eval_every' must be >= 0"),
+    ("Optimizer.lr=0", "'Optimizer.lr' must be > 0"),
+    ("Optimizer.min_lr_ratio=2", r"'Optimizer.min_lr_ratio' must be in \[0, 1\]"),
+    ("Data.num_workers=-1", "'Data.num_workers' must be >= 0"),
+    ("Data.eval.limit=0", "'Data.eval.limit' must be >= 1"),
+    ("Model.num_codes=0", "'Model.num_codes' must be >= 1"),
+    ("Loss.disc_start=-1", "'Loss.disc_start' must be >= 0"),
+    ("Data.train.on_bad_line=ignore", "on_bad_line must be error or skip"),
+])
+def test_numbers_out_of_range_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override])

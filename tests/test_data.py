@@ -1,3 +1,4 @@
+import os
 import json
 
 import cv2
@@ -21,9 +22,14 @@ def test_manifests_resolve_relative_paths_and_name_bad_lines(tmp_path):
     m = tmp_path / "m.jsonl"
     m.write_text('{"image": "imgs/a.png", "text": "一只猫", "lang": "zh"}\n\n{"image": "/abs/b.png", "caption": "dog"}\n',
                  encoding="utf-8")
-    pairs = read_manifest(str(m))
-    assert pairs[0].image == str(tmp_path / "imgs/a.png") and pairs[0].text == "一只猫"
-    assert pairs[0].meta == {"lang": "zh"} and pairs[1].image == "/abs/b.png" and pairs[1].text == "dog"
+    skipped = []
+    pairs = read_manifest(str(m), skipped=skipped)
+    assert len(pairs) == 1 and pairs[0].image == str(tmp_path / "imgs/a.png") and pairs[0].text == "一只猫"
+    assert pairs[0].meta == {"lang": "zh"}
+    assert skipped == [f"{m}:3: image path '/abs/b.png' is outside the manifest's folder (set "
+                       "Data.<split>.allow_outside_paths=true to allow it)"]
+    pairs = read_manifest(str(m), allow_outside=True)           # the user's explicit opt-in
+    assert pairs[1].image == "/abs/b.png" and pairs[1].text == "dog"
     m.write_text('{"image": "a.png", "text": "x"}\n{"image": "a.png"\n', encoding="utf-8")
     with pytest.raises(ManifestError, match=r"m\.jsonl:2: not valid JSON"):
         read_manifest(str(m))
@@ -36,6 +42,29 @@ def test_manifests_resolve_relative_paths_and_name_bad_lines(tmp_path):
         read_manifest(str(t))
     t.write_text("image\ttext\na.png\ta cat\n", encoding="utf-8")
     assert read_manifest(str(t))[0].image == str(tmp_path / "a.png")
+
+
+def test_bad_manifest_lines_are_skipped_and_named_when_asked(tmp_path):
+    (tmp_path / "sub").mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not yours")
+    os.symlink(outside, tmp_path / "sub" / "link.png")
+    m = tmp_path / "sub" / "m.jsonl"
+    lines = [b'{"image": "a.png", "text": "ok"}', b'{"image": "b.png", "text": "caf\\u00e9"}',
+             b'{"image": "c.png", "text": "caf' + bytes([0xE9]) + b'"}', b'{broken', b'{"image": "d.png", "text": "   "}',
+             b'{"image": "../secret.txt", "text": "escape"}', b'{"image": "link.png", "text": "via a link"}',
+             b'["a list"]', b'{"image": 3, "text": "number"}']
+    m.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ManifestError, match=r"m\.jsonl:3: not valid UTF-8"):
+        read_manifest(str(m))
+    skipped = []
+    pairs = read_manifest(str(m), on_bad_line="skip", skipped=skipped)
+    assert [p.text for p in pairs] == ["ok", "café"]        # (a JSON escape is text, not a bad byte)
+    reasons = [s.split(": ", 1)[1] for s in skipped]
+    assert [s.split(":")[1] for s in skipped] == ["3", "4", "5", "6", "7", "8", "9"]
+    assert reasons[0].startswith("not valid UTF-8") and reasons[1].startswith("not valid JSON")
+    assert reasons[2] == "empty caption" and "outside the manifest's folder" in reasons[3]
+    assert "outside the manifest's folder" in reasons[4] and reasons[5].startswith("expected a JSON object")
 
 
 def test_coco_captions_reader(tmp_path):

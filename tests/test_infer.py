@@ -46,8 +46,16 @@ def test_infer_takes_its_sampler_defaults_from_the_checkpoint(run_dirs):
     used = json.loads(r.stdout.strip().splitlines()[-1])["sampler"]
     assert used == SamplerSettings.from_mapping(ev).replace(max_len=3, temperature=0.0).to_dict()
     assert used["temperature"] == 0.0 and used["caption_method"] == ev.caption_method
-    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--text", "红色", "--top-p", "0")
-    assert r.returncode == 2 and "'top_p' must be a number in (0, 1]" in r.stderr
+    for flag, value, message in (("--top-p", "0", "--top-p must be a number in (0, 1]"),
+                                 ("--num", "0", "--num must be an integer >= 1"),
+                                 ("--beam-size", "0", "--beam-size must be an integer >= 1"),
+                                 ("--max-len", "-1", "--max-len must be an integer >= 1 or None"),
+                                 ("--top-k", "-3", "--top-k must be an integer >= 0 (0: off)"),
+                                 ("--temperature", "-1", "--temperature must be a number >= 0")):
+        r = _run("tools/infer.py", str(run_dirs / "vilg"), "--text", "红色", flag, value)
+        assert r.returncode == 2 and message in r.stderr, (flag, r.stderr[-500:])
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--text", "")
+    assert r.returncode == 2 and "--text is empty" in r.stderr
 
 
 def test_infer_errors_are_clear(run_dirs, tmp_path):

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
 from ppvilg.config import to_config  # noqa: E402
-from ppvilg.data.datasets import build_dataset  # noqa: E402
+from ppvilg.data.datasets import build_dataset, image_limits  # noqa: E402
 from ppvilg.data.images import make_grid, write_png  # noqa: E402
 from ppvilg.checkpoints import load_module, read_meta, resolve_checkpoint  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
@@ -35,7 +35,7 @@ def reconstruction(cfg, folder, meta, ckpt_cfg, split):
     task = build_task(to_config(merged).freeze())
     load_module(task.model, folder, "model")
     task.eval()
-    dataset = build_dataset(cfg.Data[split], cfg.Data.image_size)
+    dataset = build_dataset(cfg.Data[split], cfg.Data.image_size, **image_limits(cfg.Data))
     get_logger().info(f"evaluating {folder} on Data.{split} ({len(dataset)} pairs)")
     return task.evaluate(dataset)
 

@@ -20,7 +20,7 @@ import cv2  # noqa: E402
 from ppvilg.data.images import BadImageError, make_grid, write_png  # noqa: E402
 from ppvilg.checkpoints import CheckpointError  # noqa: E402
 from ppvilg.text.tokenizer import TextTooLongError  # noqa: E402
-from ppvilg_deploy.cli import add_sampler_arguments, sampler_changes  # noqa: E402
+from ppvilg_deploy.cli import add_sampler_arguments, apply_sampler_flags, check_arguments  # noqa: E402
 
 
 def parse(argv):
@@ -37,10 +37,7 @@ def parse(argv):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_sampler_arguments(p, "the checkpoint's Eval section")
     a = p.parse_args(argv)
-    if bool(a.text) == bool(a.image):
-        p.error("give either --text (text->image) or --image (captioning / VQA with --question)")
-    if a.question and not a.image:
-        p.error("--question needs --image")
+    check_arguments(p, a)
     return a
 
 
@@ -50,7 +47,7 @@ def main(argv=None):
     from ppvilg.inference import ViLGInference
     try:
         vilg = ViLGInference.from_checkpoint(a.checkpoint)
-        settings = vilg.sampler.replace(**sampler_changes(a))
+        settings = apply_sampler_flags(vilg.sampler, a)
         if a.text:
             images, codes, scores = vilg.text_to_image([a.text], rerank=a.rerank or bool(a.scorer), scorer=a.scorer,
                                                        sampler=settings)

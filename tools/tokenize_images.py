@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import get_logger, setup_from_config  # noqa: E402
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
-from ppvilg.data.datasets import build_dataset  # noqa: E402
+from ppvilg.data.datasets import build_dataset, image_limits  # noqa: E402
 from ppvilg.data.shards import tokenize_to_shards  # noqa: E402
 from ppvilg.checkpoints import load_image_tokenizer  # noqa: E402
 
@@ -32,7 +32,7 @@ def main(argv=None):
     cfg = load_or_exit(args)
     setup_from_config(cfg)
     model, _, folder = load_image_tokenizer(cfg.Global.checkpoint or "auto", cfg.Global.output_dir)
-    dataset = build_dataset(cfg.Data[args.split], cfg.Data.image_size)
+    dataset = build_dataset(cfg.Data[args.split], cfg.Data.image_size, **image_limits(cfg.Data))
     index = tokenize_to_shards(model, folder, dataset, args.out, args.shard_size, args.batch_size,
                                cfg.Data.num_workers, args.overwrite)
     get_logger().info(f"{args.out}: {index['num_items']} pairs in {len(index['shards'])} shards, "

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ppvilg_deploy.cli import add_sampler_arguments, sampler_changes  # noqa: E402
+from ppvilg_deploy.cli import add_sampler_arguments, apply_sampler_flags, check_arguments  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
 from ppvilg_deploy.tokenizer import TextTooLongError  # noqa: E402
 
@@ -41,7 +41,9 @@ def parse(argv):
                    "these programs; try it on GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_sampler_arguments(p, "the export's inference.yml")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_arguments(p, a)
+    return a
 
 
 def read_rgb(path):
@@ -56,7 +58,7 @@ def main(argv=None):
     try:
         pipe = DeployPipeline(a.model_dir, device=a.device, threads=a.threads, mkldnn=a.mkldnn,
                               memory_optim=a.memory_optim, precision=a.precision, gpu_id=a.gpu_id)
-        settings = pipe.sampler.replace(**sampler_changes(a))
+        settings = apply_sampler_flags(pipe.sampler, a)
         if a.text:
             images, _ = pipe.text_to_image([a.text], sampler=settings)
             os.makedirs(a.out, exist_ok=True)
@@ -66,13 +68,11 @@ def main(argv=None):
                 if not cv2.imwrite(paths[-1], np.ascontiguousarray(im[:, :, ::-1])):
                     raise ExportError(f"{paths[-1]}: cannot write")
             result = {"text": a.text, "images": paths}
-        elif a.image:
+        else:
             images = [read_rgb(a.image)]
             out = (pipe.answer(images, a.question, sampler=settings) if a.question
                    else pipe.caption(images, sampler=settings))[0]
             result = {"image": a.image, "question": a.question, "text": out["text"], "score": out["score"]}
-        else:
-            sys.exit("give --text, or --image (with --question for VQA)")
         result["sampler"] = settings.to_dict()
     except (ExportError, TextTooLongError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

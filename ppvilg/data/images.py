@@ -1,10 +1,16 @@
 """Reading images robustly and the paper's preprocessing (resize the short side, then center-crop).
 
-`read_image` returns an RGB uint8 array or raises BadImageError naming the file. Grayscale, RGBA/LA (alpha
-composited onto white), 16-bit and CMYK JPEGs (OpenCV's decoder converts them) are converted; a missing,
-empty, truncated or undecodable file raises. Datasets catch BadImageError, warn, skip and count.
+`read_image` returns an RGB uint8 array or raises BadImageError naming the file and the reason. Grayscale,
+RGBA/LA (alpha composited onto white), 16-bit and CMYK JPEGs (OpenCV's decoder converts them) are converted.
+Before anything is decoded, the file's size and the pixel count its header declares (read by Pillow, which
+parses headers lazily) are checked against limits (`Data.max_image_bytes`, `Data.max_image_pixels`): a
+decompression bomb is refused without the memory it would take. A missing, empty, truncated, oversized or
+undecodable file, a format whose header Pillow cannot read, and any decoder error raise BadImageError.
+Datasets catch it, warn, skip and count.
 """
+import io
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -12,7 +18,11 @@ from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_i
 
 
 class BadImageError(Exception):
-    pass
+    """An image that cannot be used; `reason` is a short category (tools/check_data.py groups by it)."""
+
+    def __init__(self, message, reason="unreadable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _truncated(path, data):
@@ -24,19 +34,51 @@ def _truncated(path, data):
     return False
 
 
-def read_image(path):
+MAX_PIXELS = 89478485          # Pillow's decompression-bomb limit; Data.max_image_pixels
+MAX_BYTES = 256 * 1024 * 1024  # Data.max_image_bytes
+
+
+def header_size(data, name):
+    """(width, height) that an image's header declares, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # Pillow's own bomb warning: we apply our limit below
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as e:   # beyond twice Pillow's own limit: refused while reading the header
+        raise BadImageError(f"{name}: its header declares too many pixels; not decoded ({e})",
+                            "too many pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(f"{name}: not an image whose header can be read ({type(e).__name__}: {e})",
+                            "unreadable header") from None
+
+
+def read_image(path, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES):
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise BadImageError(f"{path}: no such file")
+        raise BadImageError(f"{path}: no such file", "missing file")
+    n_bytes = os.path.getsize(path)
+    if n_bytes > max_bytes:
+        raise BadImageError(f"{path}: {n_bytes} bytes, more than the limit of {max_bytes} (Data.max_image_bytes)",
+                            "file too large")
     with open(path, "rb") as f:
         data = f.read()
     if not data:
-        raise BadImageError(f"{path}: empty file")
+        raise BadImageError(f"{path}: empty file", "empty file")
     if _truncated(path, data):
-        raise BadImageError(f"{path}: truncated image data")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        raise BadImageError(f"{path}: truncated image data", "truncated")
+    w, h = header_size(data, path)
+    if w * h > max_pixels:
+        raise BadImageError(f"{path}: its header declares {w}x{h} = {w * h} pixels, more than the limit of "
+                            f"{max_pixels} (Data.max_image_pixels); not decoded", "too many pixels")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise BadImageError(f"{path}: OpenCV could not decode it ({str(e).strip().splitlines()[-1]})",
+                            "decoder error") from None
     if img is None:
-        raise BadImageError(f"{path}: not an image OpenCV can decode")
+        raise BadImageError(f"{path}: not an image OpenCV can decode", "undecodable")
     return to_rgb_uint8(img, path)
 
 
@@ -49,11 +91,11 @@ def to_rgb_uint8(img, name="<array>"):
     elif img.dtype == np.bool_:
         img = img.astype(np.uint8) * 255
     elif img.dtype != np.uint8:
-        raise BadImageError(f"{name}: unsupported pixel type {img.dtype}")
+        raise BadImageError(f"{name}: unsupported pixel type {img.dtype}", "unsupported pixels")
     if img.ndim == 2:
         return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
     if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
-        raise BadImageError(f"{name}: unsupported image shape {img.shape}")
+        raise BadImageError(f"{name}: unsupported image shape {img.shape}", "unsupported pixels")
     c = img.shape[2]
     if c == 1:
         return np.ascontiguousarray(np.repeat(img, 3, axis=2))

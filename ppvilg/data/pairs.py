@@ -1,12 +1,16 @@
 """Image-text pair readers: JSONL / TSV manifests and COCO-captions JSON.
 
-Manifest formats (relative image paths are resolved against the manifest's folder):
+Manifest formats (relative image paths are resolved against the manifest's folder, and must stay inside it:
+a path that leaves it - `../`, an absolute path elsewhere, a symlink out - is skipped naming the line, unless
+`allow_outside=True` (Data.<split>.allow_outside_paths)):
 - JSONL: one object per line with "image" and "text" (also accepted: "caption"); other keys are kept as meta.
 - TSV: a header line naming at least the columns `image` and `text`, then one pair per line.
 COCO captions JSON (2014/2017): {"images": [{id, file_name}], "annotations": [{image_id, caption}]}; images
 are looked up under `image_root` (default: the JSON's folder). One pair per caption.
-A malformed line is an error naming the file and line; a missing or bad *image* is only found when it is read,
-and is then skipped with a warning (see ppvilg.data.datasets).
+A malformed line (invalid UTF-8 or JSON, missing or non-string fields, wrong column count) is an error naming
+the file and line, or with on_bad_line="skip" (Data.<split>.on_bad_line) a skip recorded in `skipped`; an empty
+or whitespace-only caption is always skipped and recorded. A missing or bad *image* is only found when it is
+read, and is then skipped with a warning (see ppvilg.data.datasets).
 """
 import csv
 import json
@@ -29,45 +33,101 @@ def _resolve(base, p):
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
-def read_jsonl(path):
-    base = os.path.dirname(os.path.abspath(path))
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+class _Lines:
+    """Bad-line policy of one manifest: error, or skip and record."""
+
+    def __init__(self, path, on_bad_line, allow_outside, skipped):
+        if on_bad_line not in ("error", "skip"):
+            raise ValueError(f"on_bad_line must be error or skip, got {on_bad_line!r}")
+        self.path, self.skip_bad, self.allow_outside = path, on_bad_line == "skip", allow_outside
+        self.base = os.path.dirname(os.path.abspath(path))
+        self.real_base = os.path.realpath(self.base)
+        self.skipped = skipped if skipped is not None else []
+
+    def bad(self, n, reason):
+        msg = f"{self.path}:{n}: {reason}"
+        if not self.skip_bad:
+            raise ManifestError(msg)
+        self.skipped.append(msg)
+
+    def pair(self, n, image, text, meta):
+        """The Pair of line n, or None (recorded) for an empty caption or an image path outside the folder."""
+        if not text.strip():
+            self.skipped.append(f"{self.path}:{n}: empty caption")
+            return None
+        resolved = _resolve(self.base, image)
+        if not self.allow_outside:
+            real = os.path.realpath(resolved)
+            if os.path.commonpath([self.real_base, real]) != self.real_base:
+                self.skipped.append(f"{self.path}:{n}: image path {image!r} is outside the manifest's folder "
+                                    "(set Data.<split>.allow_outside_paths=true to allow it)")
+                return None
+        return Pair(resolved, text, meta)
+
+
+def _decoded_lines(path, lines):
+    """(line number, text or None when the line is not UTF-8) of a manifest opened in binary mode."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ManifestError(f"{path}:{n}: expected a JSON object with 'image' and 'text'")
-            text = obj.get("text", obj.get("caption"))
-            if not isinstance(obj.get("image"), str) or not isinstance(text, str):
-                raise ManifestError(f"{path}:{n}: expected string fields 'image' and 'text' (or 'caption'), "
-                                    f"got keys {sorted(obj)}")
-            meta = {k: v for k, v in obj.items() if k not in ("image", "text", "caption")}
-            pairs.append(Pair(_resolve(base, obj["image"]), text, meta))
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                lines.bad(n, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield n, None
+
+
+def read_jsonl(path, on_bad_line="error", allow_outside=False, skipped=None):
+    lines = _Lines(path, on_bad_line, allow_outside, skipped)
+    pairs = []
+    for n, line in _decoded_lines(path, lines):
+        if line is None or not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            lines.bad(n, f"not valid JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict):
+            lines.bad(n, "expected a JSON object with 'image' and 'text'")
+            continue
+        text = obj.get("text", obj.get("caption"))
+        if not isinstance(obj.get("image"), str) or not isinstance(text, str):
+            lines.bad(n, f"expected string fields 'image' and 'text' (or 'caption'), got keys {sorted(obj)}")
+            continue
+        meta = {k: v for k, v in obj.items() if k not in ("image", "text", "caption")}
+        pair = lines.pair(n, obj["image"], text, meta)
+        if pair is not None:
+            pairs.append(pair)
     return pairs
 
 
-def read_tsv(path):
-    base = os.path.dirname(os.path.abspath(path))
-    pairs = []
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None or "image" not in header or "text" not in header:
-            raise ManifestError(f"{path}:1: expected a header line with the columns 'image' and 'text', "
-                                f"got {header}")
-        ii, ti = header.index("image"), header.index("text")
-        for n, row in enumerate(rows, 2):
-            if not row or not any(row):
-                continue
-            if len(row) != len(header):
-                raise ManifestError(f"{path}:{n}: expected {len(header)} tab-separated fields, got {len(row)}")
-            meta = {k: v for k, v in zip(header, row) if k not in ("image", "text")}
-            pairs.append(Pair(_resolve(base, row[ii]), row[ti], meta))
+def read_tsv(path, on_bad_line="error", allow_outside=False, skipped=None):
+    lines = _Lines(path, on_bad_line, allow_outside, skipped)
+    pairs, header = [], None
+    for n, line in _decoded_lines(path, lines):
+        if line is None:
+            if header is None:
+                raise ManifestError(f"{path}:{n}: the header line is not valid UTF-8")
+            continue
+        row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        if header is None:
+            if "image" not in row or "text" not in row:
+                raise ManifestError(f"{path}:{n}: expected a header line with the columns 'image' and 'text', "
+                                    f"got {row}")
+            header = row
+            ii, ti = header.index("image"), header.index("text")
+            continue
+        if not row or not any(row):
+            continue
+        if len(row) != len(header):
+            lines.bad(n, f"expected {len(header)} tab-separated fields, got {len(row)}")
+            continue
+        meta = {k: v for k, v in zip(header, row) if k not in ("image", "text")}
+        pair = lines.pair(n, row[ii], row[ti], meta)
+        if pair is not None:
+            pairs.append(pair)
+    if header is None:
+        raise ManifestError(f"{path}:1: expected a header line with the columns 'image' and 'text', got nothing")
     return pairs
 
 
@@ -97,12 +157,14 @@ def read_coco_captions(path, image_root=None):
     return pairs
 
 
-def read_manifest(path):
+def read_manifest(path, on_bad_line="error", allow_outside=False, skipped=None):
+    """The pairs of a JSONL / TSV manifest; `skipped` (a list) receives "file:line: reason" of every line not
+    used (see the module's docstring)."""
     if not os.path.isfile(path):
         raise ManifestError(f"manifest not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
-        return read_jsonl(path)
+        return read_jsonl(path, on_bad_line, allow_outside, skipped)
     if ext in (".tsv", ".txt"):
-        return read_tsv(path)
+        return read_tsv(path, on_bad_line, allow_outside, skipped)
     raise ManifestError(f"{path}: unknown manifest type '{ext}' (expected .jsonl or .tsv)")

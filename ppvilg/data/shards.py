@@ -84,6 +84,8 @@ def tokenize_to_shards(model, checkpoint, dataset, out, shard_size, batch_size, 
 
     with paddle.no_grad():
         for batch in loader:
+            if batch["errors"]:   # an unexpected read error (not a bad image) stops here, in the main process
+                raise ShardError(f"reading the data failed: {batch['errors'][0]}")
             for msg in batch["skipped"]:
                 log.warning(f"skipped image: {msg}")
             skipped += batch["skipped"]

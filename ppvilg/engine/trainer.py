@@ -13,7 +13,7 @@ import time
 import paddle
 from tqdm import tqdm
 
-from ppvilg.data.datasets import build_dataset, train_loader
+from ppvilg.data.datasets import build_dataset, check_batch, image_limits, train_loader
 from ppvilg import checkpoints as ckpt
 from ppvilg.checkpoints import CheckpointError
 from ppvilg.config import save_config
@@ -97,7 +97,8 @@ class Trainer:
             paddle.amp.decorate(models=mods, optimizers=list(self.opts.values()), level="O2", dtype=amp.dtype)
         if self.par.enabled:
             self.distribute()
-        self.step, self.skipped = 0, 0
+        self.step = 0
+        self.skipped_items = set()   # indices of the training items skipped as unreadable (distinct files)
         self.vdl = None
         self.history = []  # per-step logged values of this process's run
 
@@ -142,7 +143,8 @@ class Trainer:
     def save(self):
         folder = os.path.join(self.ckpt_dir, f"step_{self.step:08d}")
         state = {"step": self.step, "task": self.cfg.Global.task, "model": self.cfg.Model.name,
-                 "skipped_images": self.skipped, "world_size": self.world}
+                 "skipped_images": len(self.skipped_items), "skipped_items": sorted(self.skipped_items),
+                 "world_size": self.world}
         if not self.par.enabled:
             weights = {name: self.task.checkpoint_state(name) for name in self.task.modules()}
             ckpt.save_checkpoint(folder, self.cfg, weights, self.optimizer_states(), state)
@@ -212,7 +214,8 @@ class Trainer:
             self.scheds[phase].set_state_dict(st["schedule"])
             self.scalers[phase].load_state_dict(st["scaler"])
         ckpt.restore_rng(folder, rank)
-        self.step, self.skipped = meta["step"], meta.get("skipped_images", 0)
+        self.step = meta["step"]
+        self.skipped_items = set(meta.get("skipped_items", []))
         self.log.info(f"resumed from {folder} at step {self.step}")
 
     def _newest_verified(self):
@@ -266,8 +269,11 @@ class Trainer:
             save_config(cfg, os.path.join(self.out, "config.yaml"))
         if cfg.Global.resume:
             self.resume(cfg.Global.resume)
-        train_set = build_dataset(cfg.Data.train, cfg.Data.image_size)
-        eval_set = build_dataset(cfg.Data.eval, cfg.Data.image_size)
+        train_set = build_dataset(cfg.Data.train, cfg.Data.image_size, **image_limits(cfg.Data))
+        eval_set = build_dataset(cfg.Data.eval, cfg.Data.image_size, **image_limits(cfg.Data))
+        for name, ds in (("train", train_set), ("eval", eval_set)):
+            if ds.bad_lines:
+                self.log.warning(f"Data.{name}: {len(ds.bad_lines)} manifest lines skipped, e.g. {ds.bad_lines[0]}")
         par = self.par
         if self.pipeline_parallel:  # a step's whole batch per call; the pipeline cuts it into accum_steps micro-batches
             loader = train_loader(train_set, tc.batch_size, cfg.Global.seed, self.step, cfg.Data.num_workers,
@@ -311,15 +317,11 @@ class Trainer:
 
     def train_step(self, batches):
         if self.pipeline_parallel:
-            return self.pipeline_step(next(batches))
+            return self.pipeline_step(check_batch(next(batches)))
         tc = self.cfg.Train
         sums, used, n_samples = {}, set(), 0
         for _ in range(tc.accum_steps):
-            batch = next(batches)
-            if batch["skipped"]:
-                self.skipped += len(batch["skipped"])
-                for msg in batch["skipped"]:
-                    self.log.warning(f"skipped image: {msg} ({self.skipped} skipped so far)")
+            batch = self.note_skipped(check_batch(next(batches)))
             if not batch["text"]:  # every item of this micro-batch was skipped
                 continue
             n_samples += len(batch["text"])
@@ -342,9 +344,17 @@ class Trainer:
         first = next(iter(self.opts))
         if f"{first}_loss" in sums:
             sums["loss"] = sums[f"{first}_loss"]
-        sums["skipped_images"] = self.skipped
+        sums["skipped_images"] = len(self.skipped_items)
         sums["_samples"] = n_samples
         return sums
+
+    def note_skipped(self, batch):
+        """Count and report unreadable images once per file (the same file comes back every epoch)."""
+        for i, msg in zip(batch["skipped_index"], batch["skipped"]):
+            if i not in self.skipped_items:
+                self.skipped_items.add(i)
+                self.log.warning(f"skipped image: {msg} ({len(self.skipped_items)} distinct images skipped so far)")
+        return batch
 
     def pipeline_step(self, batch):
         """One optimizer step through the pipeline schedule (1F1B over Train.accum_steps micro-batches)."""
@@ -356,5 +366,5 @@ class Trainer:
         with paddle.amp.auto_cast(**self.amp_kwargs):
             loss, logs = self.task.pipeline_step(batch, self.opts[phase], scaler, self.step)
         self.scheds[phase].step()
-        return dict(logs, loss=loss, **{f"{phase}_loss": loss}, skipped_images=self.skipped,
+        return dict(logs, loss=loss, **{f"{phase}_loss": loss}, skipped_images=len(self.skipped_items),
                     _samples=len(batch["text"]))

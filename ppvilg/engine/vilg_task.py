@@ -14,7 +14,7 @@ classifier-free guidance.
 import numpy as np
 import paddle
 
-from ppvilg.config import ConfigError
+from ppvilg.config import ConfigError, check_range
 from ppvilg.data.datasets import eval_batches
 from ppvilg.checkpoints import CheckpointError, load_matching_image_tokenizer
 from ppvilg.distributed import convert
@@ -37,18 +37,23 @@ def _vocab_size(path):
 
 class PairBatcher:
     """Turns (codes [B, h, w], texts) into the id / validity / label arrays of both directions (the sequences of
-    ppvilg_deploy.sequences.SequenceBuilder, shared with generation and deployment); counts cut texts."""
+    ppvilg_deploy.sequences.SequenceBuilder, shared with generation and deployment); `truncated` counts the
+    distinct texts that were cut (each once, however many epochs see it)."""
 
     def __init__(self, tokenizer, config):
         self.tok, self.c = tokenizer, config
         self.seq = SequenceBuilder(tokenizer, config.max_text_len, config.grid, config.num_codes)
         lays = direction_layouts(config.max_text_len, config.grid)
         self.t2i, self.i2t = lays["t2i"], lays["i2t"]
-        self.truncated = 0
+        self.cut_texts = set()
+
+    @property
+    def truncated(self):
+        return len(self.cut_texts)
 
     def _text(self, texts, drop=None):
         ids, valid, cut = self.seq.encode_texts(texts, truncate=True, drop=drop)
-        self.truncated += cut
+        self.cut_texts.update(texts[k] for k in cut)
         return ids, valid
 
     def text_to_image(self, codes, texts, drop=None):
@@ -107,6 +112,10 @@ class ViLGTask(Task):
             raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
         if not 0.0 <= cfg.Loss.cond_dropout < 1.0:
             raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
+        for key in ("t2i_weight", "i2t_weight", "recon_weight"):
+            check_range(cfg.Loss[key], f"Loss.{key}", 0, origin=origin)
+        check_range(cfg.Eval.batch_size, "Eval.batch_size", 1, origin=origin)
+        check_range(cfg.Eval.num_samples, "Eval.num_samples", 1, origin=origin)
         try:
             SamplerSettings.from_mapping(cfg.Eval)
         except ValueError as e:

@@ -4,7 +4,7 @@ import contextlib
 import numpy as np
 import paddle
 
-from ppvilg.config import ConfigError
+from ppvilg.config import ConfigError, check_range
 from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
 from ppvilg.engine.task_interface import Task
@@ -56,6 +56,12 @@ class VQGANTask(Task):
     @classmethod
     def validate_config(cls, cfg, origin):
         m, loss = cfg.Model, cfg.Loss
+        for key in ("codebook_weight", "perceptual_weight", "disc_weight", "disc_start", "disc_lr_scale"):
+            check_range(loss[key], f"Loss.{key}", 0, origin=origin)
+        for key in ("disc_channels", "disc_layers"):
+            check_range(loss[key], f"Loss.{key}", 1, origin=origin)
+        check_range(cfg.Eval.batch_size, "Eval.batch_size", 1, origin=origin)
+        check_range(cfg.Eval.num_visuals, "Eval.num_visuals", 0, zero="no image grid", origin=origin)
         if m.name != "vqgan":
             raise ConfigError(f"{origin}: Global.task 'vqgan' needs Model.name 'vqgan', got {m.name!r}")
         if cfg.Distributed.world_size > 1:

@@ -1,7 +1,7 @@
 """The sampler options of the command lines (tools/infer.py over a checkpoint, deploy/python/infer.py over an
 export): one flag per SamplerSettings field; a flag not given keeps the model's default (the checkpoint's Eval
 section, or the export's inference.yml)."""
-from ppvilg_deploy.decoding import CAPTION_METHODS
+from ppvilg_deploy.decoding import CAPTION_METHODS, SamplerSettings
 
 # flag -> (SamplerSettings field, type, help); every field has one (tests/test_generation.py checks)
 FLAGS = {
@@ -29,3 +29,32 @@ def add_sampler_arguments(parser, defaults_from):
 def sampler_changes(args):
     """{field: value} of the sampler flags given on the command line."""
     return {field: getattr(args, field) for field, _, _ in FLAGS.values() if getattr(args, field) is not None}
+
+
+def apply_sampler_flags(settings, args):
+    """`settings` (the model's defaults) with the flags given; a value out of range is a ValueError naming the
+    flag."""
+    try:
+        return settings.replace(**sampler_changes(args))
+    except ValueError as e:
+        msg = str(e)
+        for flag, (field, _, _) in FLAGS.items():
+            msg = msg.replace(f"sampler setting '{field}'", f"{flag}")
+        raise ValueError(msg) from None
+
+
+def check_arguments(parser, args):
+    """Before any model is loaded: --text / --image / --question (one of the first two, none of them empty)
+    and the sampler flags' ranges; a problem exits 2 naming the option."""
+    try:
+        apply_sampler_flags(SamplerSettings(), args)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("text", "image", "question"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            parser.error(f"--{name} is empty")
+    if (args.text is None) == (args.image is None):
+        parser.error("give either --text (text->image) or --image (captioning / VQA with --question)")
+    if args.question is not None and args.image is None:
+        parser.error("--question needs --image")

@@ -19,18 +19,18 @@ class SequenceBuilder:
         self.num_cells = grid * grid
 
     def encode_texts(self, texts, truncate=False, drop=None):
-        """-> (ids int64 [B, L], valid bool [B, L], how many texts were cut). A text longer than L tokens with
+        """-> (ids int64 [B, L], valid bool [B, L], positions of the texts that were cut). A text longer than L tokens with
         [SEP] is an error (TextTooLongError) or, with truncate, cut keeping [SEP]; drop[k] replaces text k by
         the empty text ([SEP] alone: the unconditional input of classifier-free guidance)."""
         L = self.text_len
         ids = np.full([len(texts), L], self.tok.pad_id, np.int64)
         valid = np.zeros([len(texts), L], bool)
-        cut = 0
+        cut = []
         for k, t in enumerate(texts):
             tt = self.tok.encode(t)
             if len(tt) > L:
                 tt = self.tok.encode(t, max_len=L, truncate=truncate)   # cut, or TextTooLongError
-                cut += 1
+                cut.append(k)
             if drop is not None and drop[k]:
                 tt = [self.tok.eos_id]
             ids[k, :len(tt)], valid[k, :len(tt)] = tt, True
