@@ -118,3 +118,21 @@ def test_nothing_reads_pickle_but_the_explicit_legacy_converter():
                     if needle in text:   # (np.load without allow_pickle reads plain arrays only)
                         found.append(f"{os.path.relpath(path, ROOT)}: {needle}")
     assert not found, found
+
+
+def test_inference_code_never_imports_the_training_engine():
+    graph = import_graph()
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph.get(todo.pop(), ()):
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    for module in ("ppvilg.inference", "ppvilg.generation", "ppvilg.export", "ppvilg.evaluation",
+                   "ppvilg.checkpoints"):
+        engine = sorted(m for m in reach(module) if m.startswith("ppvilg.engine"))
+        assert not engine, f"{module} imports {engine}"

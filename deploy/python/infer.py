@@ -1,5 +1,5 @@
 """ppvilg deploy: text->image, captions and answers with Paddle Inference, from a folder written by
-tools/export_model.py. Needs paddlepaddle (or paddlepaddle-gpu), numpy, OpenCV, PyYAML and paddlenlp's
+tools/export_model.py. Needs paddlepaddle (or paddlepaddle-gpu), numpy, OpenCV, Pillow, PyYAML and paddlenlp's
 tokenizer; never the training package.
 
   python deploy/python/infer.py --model-dir output/demo/export --text "左上角有一个小红色圆形" --num 4 --out out/
@@ -20,6 +20,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ppvilg_deploy.cli import add_sampler_arguments, apply_sampler_flags, check_arguments  # noqa: E402
+from ppvilg_deploy.images import BadImageError, read_image  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
 from ppvilg_deploy.tokenizer import TextTooLongError  # noqa: E402
 
@@ -46,13 +47,6 @@ def parse(argv):
     return a
 
 
-def read_rgb(path):
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ExportError(f"{path}: cannot read the image (missing, or not an image OpenCV can decode)")
-    return img[:, :, ::-1]
-
-
 def main(argv=None):
     a = parse(argv)
     try:
@@ -69,12 +63,12 @@ def main(argv=None):
                     raise ExportError(f"{paths[-1]}: cannot write")
             result = {"text": a.text, "images": paths}
         else:
-            images = [read_rgb(a.image)]
+            images = [read_image(a.image)]
             out = (pipe.answer(images, a.question, sampler=settings) if a.question
                    else pipe.caption(images, sampler=settings))[0]
             result = {"image": a.image, "question": a.question, "text": out["text"], "score": out["score"]}
         result["sampler"] = settings.to_dict()
-    except (ExportError, TextTooLongError, FileNotFoundError, ValueError) as e:
+    except (ExportError, BadImageError, TextTooLongError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if a.json:
