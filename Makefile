@@ -24,7 +24,8 @@ demo: install
 	$(PYTHON) tools/shapes_report.py -c configs/demo/vilg_shapes.yaml --out output/demo
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	@$(PYTHON) tools/get_fid_weights.py || echo "make test: the FID Inception weights could not be fetched (see above); the FID tests will be SKIPPED"
+	$(PYTHON) -m pytest -q -rs tests
 
 clean-demo:
 	rm -rf output/demo

@@ -231,3 +231,47 @@ def test_parallel_resume_equals_uninterrupted(reference):
     final = read_full_state(resolve_checkpoint(str(out)))
     for k in ref_final:
         np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)
+
+
+ADAMW = ["Optimizer.name=adamw", "Optimizer.lr=0.01", "Optimizer.weight_decay=0.01", "Train.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def reference_adamw(reference, tmp_path_factory):
+    """The single-process reference of 3 AdamW steps from the same initial weights: unlike SGD, AdamW has
+    moments to shard and to restore."""
+    shards, init, _, _, _ = reference
+    root = tmp_path_factory.mktemp("dist_adamw")
+    cfg = load_config(TINY, _overrides(shards, root / "ref", init) + ["Train.accum_steps=2"] + ADAMW)
+    trainer = Trainer(cfg, build_task(cfg))
+    trainer.fit()
+    return shards, init, [h["loss"] for h in trainer.history], read_full_state(resolve_checkpoint(str(root / "ref"))), root
+
+
+def test_sharded_adamw_states_equal_one_process(reference_adamw):
+    _, _, ref_losses, ref_final, _ = reference_adamw
+    out, hist = _launch(reference_adamw, "sharding2_adamw", ["Distributed.sharding_degree=2"] + ADAMW)
+    losses = [(a["loss"] + b["loss"]) / 2 for a, b in zip(*hist)]
+    np.testing.assert_allclose(losses, ref_losses, atol=TOL, rtol=0)
+    final = read_full_state(resolve_checkpoint(str(out)))
+    for k in ref_final:
+        np.testing.assert_allclose(final[k], ref_final[k], atol=1e-4, rtol=0, err_msg=k)
+
+
+def test_pipeline_resume_with_adamw_equals_uninterrupted(reference_adamw):
+    """pp = 2 with AdamW: stopped after step 1 and resumed from its per-rank checkpoint (moments, schedule, RNG),
+    it ends where the uninterrupted pp = 2 run ends; both track one process's losses. (Weights are compared
+    within the layout: Adam's normalisation turns the last-bit differences of another summation order into
+    ~1e-4 on weights whose gradients are near zero.)"""
+    _, _, ref_losses, _, _ = reference_adamw
+    pp = ["Distributed.pp_degree=2", "Train.accum_steps=2"] + ADAMW
+    whole, hist_whole = _launch(reference_adamw, "pp2_adamw", pp)
+    first, _ = _launch(reference_adamw, "pp2_adamw_first", pp + ["Train.max_steps=1"])
+    out, hist = _launch(reference_adamw, "pp2_adamw_resumed", pp + [f"Global.resume={first}"])
+    assert [h["step"] for h in hist[0]] == [2, 3]
+    np.testing.assert_allclose([h["loss"] for h in hist_whole[0]], ref_losses, atol=TOL, rtol=0)
+    np.testing.assert_allclose([h["loss"] for h in hist[0]], [h["loss"] for h in hist_whole[0][1:]], atol=1e-6, rtol=0)
+    want = read_full_state(resolve_checkpoint(str(whole)))
+    final = read_full_state(resolve_checkpoint(str(out)))
+    for k in want:
+        np.testing.assert_allclose(final[k], want[k], atol=1e-6, rtol=0, err_msg=k)

@@ -69,6 +69,16 @@ def test_end_to_end_checkpoint_drives_inference(run_dirs, tmp_path):
     plain = ViLGInference.from_checkpoint(str(tmp_path), use_e2e=False)
     assert plain.reconstructor == "vq_decoder"
     assert not np.array_equal(plain.decode(codes), images)  # a different decoder made them
+    # the images are the reconstructor applied to the final-LN'd hidden states at the image slots of the
+    # (prompt, generated codes) sequence, computed here by hand: embed + blocks + ln_f
+    from ppvilg.data.images import to_uint8_image
+    m, seq = pipe.model, pipe.gen.seq
+    ids, valid, _ = seq.text_to_image(seq.text(["红色圆形"] * 2), codes[0])
+    lay = pipe.gen.layouts["t2i"]
+    with paddle.no_grad():
+        h = m.ln_f(m.hidden(paddle.to_tensor(ids), valid, lay)[:, lay.target_slice()])
+        want = np.stack([to_uint8_image(a) for a in pipe.e2e(h, m.config.grid).numpy()])
+    np.testing.assert_array_equal(images[0], want)
 
 
 def test_end_to_end_needs_images(run_dirs, tmp_path):

@@ -2,7 +2,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppvilg.generation import Generator, SamplerSettings, filter_logits
+from ppvilg.generation import Decoding, Generator, SamplerSettings, filter_logits
+from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg.models.vilg import ViLG, ViLGConfig
 from ppvilg.text.tokenizer import TextTokenizer
 
@@ -51,32 +52,108 @@ def test_greedy_is_deterministic_and_top_k_1_equals_greedy(gen):
     assert (t_greedy == t_other).all()
 
 
-def test_beam_search_scores_at_least_greedy(gen):
-    codes = _codes(3, seed=4)
-    greedy = gen.image_to_text(codes, caption_method="greedy", max_len=6, length_penalty=0.0)
-    beam = gen.image_to_text(codes, caption_method="beam", max_len=6, beam_size=4, length_penalty=0.0)
-    for g, b in zip(greedy, beam):
-        assert b["logprob"] >= g["logprob"] - 1e-6
-    # scores are the model's own log-likelihoods of the chosen sequences
-    lp = gen.caption_logprob(codes, [b["text"] for b in beam])
-    finished = [b["ids"][-1] == gen.seq.tok.eos_id for b in beam]
-    for ok, got, want in zip(finished, lp, [b["logprob"] for b in beam]):
-        if ok:
-            assert abs(got - want) < 1e-3
+class _ScriptedBackend(Decoding):
+    """A decoding backend whose next-token log-probabilities are a hand-written function of the target so far:
+    the algorithms' results can be worked out on paper."""
+
+    def __init__(self, tok, text_len, table, image=None):
+        self.seq = SequenceBuilder(tok, text_len, 2, 4)
+        self.table, self.image = table, image   # table: tuple(prefix) -> {token: prob}; image: row -> logits
+
+    def make_decoder(self, direction, ids, valid):
+        return _ScriptedDecoder(self, ids, valid)
 
 
-def test_cfg_scale_1_equals_the_plain_conditional_path(gen):
-    a = gen.text_to_image(["红色圆形"], cfg_scale=1.0, seed=7, top_k=10)
-    b = gen.text_to_image(["红色圆形"], seed=7, top_k=10)
-    c = gen.text_to_image(["红色圆形"], cfg_scale=3.0, seed=7, top_k=10)
-    assert (a == b).all() and a.shape == c.shape
+class _ScriptedDecoder:
+    def __init__(self, backend, ids, valid):
+        self.b, self.ids = backend, ids.copy()
+        # text->image: the target starts after the text; image->text: after the 2x2 cells
+        self.t0 = backend.seq.text_len if backend.image is not None else backend.seq.num_cells
+        self.rows = np.arange(len(ids))
+
+    def logits_at(self, slot):
+        if self.b.image is not None:
+            return np.stack([self.b.image(r) for r in self.rows])
+        v = self.b.seq.tok.vocab_size
+        out = np.full([len(self.ids), v], -1e9)
+        for r in range(len(self.ids)):
+            prefix = tuple(int(t) for t in self.ids[r, self.t0 + 1:slot + 1])
+            for tok, p in self.b.table.get(prefix, {}).items():
+                out[r, tok] = np.log(p)
+        return out
+
+    def reorder(self, rows):
+        self.ids, self.rows = self.ids[rows], self.rows[rows]
 
 
-def test_rerank_orders_by_the_model_likelihood(gen):
-    cands = gen.text_to_image(["红色圆形"], candidates=3, seed=1)
-    order, scores = gen.rerank(["红色圆形"], cands)
-    assert scores.shape == (1, 3) and list(scores[0, order[0]]) == sorted(scores[0], reverse=True)
-    order2, _ = gen.rerank(["红色圆形"], cands, scorer=lambda texts, ims: [float(i) for i in range(len(texts))],
+A_, B_ = 300, 400   # two ordinary vocabulary tokens
+
+
+def _table(eos):
+    # greedy takes A (0.6) then can only end with [SEP] at 0.3: 0.18; B (0.4) then [SEP] at 0.9 is 0.36; the long
+    # path A A [SEP] is 0.6 * 0.7 * 1.0 = 0.42 over 3 tokens
+    return {(): {A_: 0.6, B_: 0.4}, (A_,): {eos: 0.3, A_: 0.7}, (B_,): {eos: 0.9, A_: 0.1},
+            (A_, A_): {eos: 1.0}, (B_, A_): {eos: 1.0}}
+
+
+def test_beam_search_finds_what_greedy_misses_and_applies_the_length_penalty():
+    tok = TextTokenizer()
+    eos = tok.eos_id
+    be = _ScriptedBackend(tok, 8, _table(eos))
+    codes = np.zeros([1, 2, 2], np.int64)
+    greedy = be.decode_text(codes, SamplerSettings(caption_method="greedy", length_penalty=0.0))[0]
+    assert greedy["ids"] == [A_, A_, eos] and greedy["logprob"] == pytest.approx(np.log(0.42))
+    # alpha 0: raw log-probability; the best is A A [SEP] (0.42) over B [SEP] (0.36) and A [SEP] (0.18)
+    b0 = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=3, length_penalty=0.0))[0]
+    assert b0["ids"] == [A_, A_, eos] and b0["score"] == pytest.approx(np.log(0.42))
+    # alpha 1: per-token mean: A A [SEP] log(0.42) / 3 = -0.289 beats B [SEP] log(0.36) / 2 = -0.511
+    b1 = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=3, length_penalty=1.0))[0]
+    assert b1["ids"] == [A_, A_, eos] and b1["score"] == pytest.approx(np.log(0.42) / 3)
+    # a table where the greedy first step is a trap: A (0.55) then [SEP] 0.2 only, B (0.45) then [SEP] 1.0
+    trap = {(): {A_: 0.55, B_: 0.45}, (A_,): {eos: 0.2, A_: 0.8}, (A_, A_): {eos: 0.1, B_: 0.9},
+            (A_, A_, B_): {eos: 1.0}, (B_,): {eos: 1.0}}
+    be = _ScriptedBackend(tok, 8, trap)
+    g = be.decode_text(codes, SamplerSettings(caption_method="greedy"))[0]
+    assert g["ids"] == [A_, A_, B_, eos] and g["logprob"] == pytest.approx(np.log(0.55 * 0.8 * 0.9))
+    b = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=2, length_penalty=0.0))[0]
+    assert b["ids"] == [B_, eos] and b["logprob"] == pytest.approx(np.log(0.45))   # 0.45 > 0.396 found by greedy
+    # the search stops once each item has beam_size finished hypotheses (here after step 2: B [SEP] and
+    # A [SEP]), so a longer sequence that a large length penalty would favour is not explored; the score is
+    # the penalised one
+    b = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=2, length_penalty=2.0))[0]
+    assert b["ids"] == [B_, eos] and b["score"] == pytest.approx(np.log(0.45) / 4)
+
+
+def test_classifier_free_guidance_samples_from_u_plus_s_times_c_minus_u():
+    """The conditional rows (first half) give c = [3, 2, 0], the unconditional ones u = [3, 0, 0]: both put
+    token 0 first, but u + s (c - u) = [3, 2 s, 0] puts token 1 first once s > 1.5."""
+    tok = TextTokenizer()
+    c, u = np.array([3.0, 2.0, 0.0]), np.array([3.0, 0.0, 0.0])
+    # rows 0-1: the two prompts; guided runs stack their two unconditional rows (2-3) after them
+    be = _ScriptedBackend(tok, 4, {}, image=lambda row: c if row < 2 else u)
+    for s, want in ((1.0, 0), (1.4, 0), (1.6, 1), (3.0, 1), (0.0, 0)):
+        codes = be.sample_codes(["红色", "蓝色"], SamplerSettings(cfg_scale=s, top_k=1))
+        assert (codes == want).all(), (s, codes)
+
+
+def test_rerank_scores_are_the_models_caption_log_likelihoods(gen):
+    """Each candidate's score is log p(prompt | its codes), checked against the cached decoder stepping through
+    the prompt's tokens (an independent path), and the order follows the scores."""
+    prompt = "红色圆形"
+    cands = gen.text_to_image([prompt], candidates=3, seed=1)
+    order, scores = gen.rerank([prompt], cands)
+    ids = gen.seq.tok.encode(prompt)
+    for k in range(3):
+        dec = gen.make_decoder("i2t", *gen.seq.image_to_text(cands[0, k:k + 1])[:2])
+        total = 0.0
+        for j, t in enumerate(ids):
+            logits = dec.logits_at(dec.t0 + j)[0, :gen.seq.tok.vocab_size].astype(np.float64)
+            m = logits.max()
+            total += logits[t] - m - np.log(np.exp(logits - m).sum())
+            dec.ids[:, dec.t0 + j + 1] = t
+        assert scores[0, k] == pytest.approx(total, abs=1e-3)
+    assert list(order[0]) == list(np.argsort(-scores[0]))
+    order2, _ = gen.rerank([prompt], cands, scorer=lambda texts, ims: [float(i) for i in range(len(texts))],
                            images=[[None] * 3])
     assert list(order2[0]) == [2, 1, 0]
 

@@ -179,3 +179,24 @@ def test_text_loss_is_the_mean_over_real_tokens():
     keep = labels >= 0
     want = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0][keep].mean()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_stage2_resume_with_adamw_and_condition_dropout_equals_uninterrupted(tiny_shards, tmp_path):
+    """Condition dropout draws from paddle's RNG every step and AdamW keeps moments: both must come back."""
+    def cfg(out, *extra):
+        return load_config(TINY, [f"Global.output_dir={out}", f"Data.train.path={tiny_shards / 'train'}",
+                                  f"Data.eval.path={tiny_shards / 'eval'}", "Train.batch_size=4",
+                                  "Loss.cond_dropout=0.5", "Optimizer.name=adamw", "Train.save_every=2",
+                                  "Train.max_steps=5", "Train.keep_checkpoints=0", *extra])
+    seed_everything(0)
+    full = Trainer(cfg(tmp_path / "full"), build_task(cfg(tmp_path / "full")))
+    full.fit()
+    seed_everything(0)
+    c = cfg(tmp_path / "resumed", f"Global.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000002'}")
+    resumed = Trainer(c, build_task(c))
+    resumed.fit()
+    assert [h["step"] for h in resumed.history] == [3, 4, 5]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+    a, b = full.task.model.state_dict(), resumed.task.model.state_dict()
+    for k in a:
+        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)

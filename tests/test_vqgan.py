@@ -118,3 +118,36 @@ def test_perceptual_loss_reads_user_weights(tmp_path):
     loss = VGGPerceptual(str(tmp_path / "v.safetensors"))
     x = paddle.uniform([1, 3, 32, 32], min=-1, max=1)
     assert float(loss(x, x).sum()) == 0.0 and float(loss(x, -x).sum()) > 0
+
+
+def test_adaptive_gan_weight_is_the_gradient_norm_ratio():
+    from ppvilg.vq.losses import adaptive_weight
+    w = paddle.create_parameter([3], "float32", default_initializer=paddle.nn.initializer.Assign(
+        np.array([1.0, 2.0, 3.0], np.float32)))
+    a, b = np.array([3.0, 0.0, 4.0], np.float32), np.array([0.0, 1.0, 0.0], np.float32)
+    rec = (w * paddle.to_tensor(a)).sum()          # d rec / d w = a, |a| = 5
+    gan = (w * w * paddle.to_tensor(b)).sum()      # d gan / d w = 2 w b = [0, 4, 0], norm 4
+    assert float(adaptive_weight(rec, gan, w)) == pytest.approx(5.0 / (4.0 + 1e-4), rel=1e-6)
+    assert float(adaptive_weight(rec * 1e6, gan, w, max_weight=100.0)) == 100.0   # clipped
+
+
+def test_ema_codebook_update_by_value():
+    from ppvilg.vq.model import VectorQuantizer
+    q = VectorQuantizer(num_codes=3, dim=2, beta=0.25, ema=True, decay=0.9, restart=False, threshold=0.0)
+    book = np.array([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]], np.float32)
+    q.codebook.set_value(book)
+    q.ema_sum.set_value(book.copy())
+    q.ema_count.set_value(np.ones(3, np.float32))
+    z = np.array([[0.1, -0.1], [0.9, 1.2], [1.1, 0.8], [0.2, 0.0]], np.float32)   # codes 0, 1, 1, 0
+    q.train()
+    _, _, codes, _ = q(paddle.to_tensor(z.reshape(1, 2, 2, 2).transpose(0, 3, 1, 2)))
+    assert codes.numpy().ravel().tolist() == [0, 1, 1, 0]
+    onehot = np.eye(3, dtype=np.float64)[[0, 1, 1, 0]]
+    count = 0.9 * np.ones(3) + 0.1 * onehot.sum(0)                 # [1.1, 1.1, 0.9]
+    ema_sum = 0.9 * book + 0.1 * onehot.T @ z
+    n = count.sum()
+    smoothed = (count + 1e-5) / (n + 3 * 1e-5) * n
+    np.testing.assert_allclose(q.ema_count.numpy(), count, rtol=1e-6)
+    np.testing.assert_allclose(q.ema_sum.numpy(), ema_sum, rtol=1e-5)
+    np.testing.assert_allclose(q.codebook.numpy(), ema_sum / smoothed[:, None], rtol=1e-5)
+    np.testing.assert_allclose(q.usage.numpy(), 0.1 * onehot.sum(0), rtol=1e-6)
