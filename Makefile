@@ -16,12 +16,7 @@ fid-weights: install
 	$(PYTHON) tools/get_fid_weights.py
 
 demo: install
-	$(PYTHON) tools/train.py -c configs/demo/vqgan_shapes.yaml
-	$(PYTHON) tools/eval.py -c configs/demo/vqgan_shapes.yaml
-	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split train --out output/demo/codes/train --overwrite
-	$(PYTHON) tools/tokenize_images.py -c configs/demo/vqgan_shapes.yaml --split eval --out output/demo/codes/heldout --overwrite
-	$(PYTHON) tools/train.py -c configs/demo/vilg_shapes.yaml
-	$(PYTHON) tools/shapes_report.py -c configs/demo/vilg_shapes.yaml --out output/demo
+	$(PYTHON) tools/run_demo.py
 
 test: install
 	@$(PYTHON) tools/get_fid_weights.py || echo "make test: the FID Inception weights could not be fetched (see above); the FID tests will be SKIPPED"

@@ -34,7 +34,7 @@ DATASET_DEFAULTS = {
     "image_root": None,      # COCO / COCO-CN / AIC-ICC: folder of the images (COCO default: beside the JSON)
     "translations": None,    # COCO: JSONL {"id": annotation id, "caption": ...} replacing the English captions
     "split_file": None,      # COCO-CN: the list of image ids of a split (e.g. coco-cn_test.txt)
-    "split": "train",        # shapes: train | heldout
+    "split": "train",        # shapes: train | dev | test | heldout (= dev + test; see ppvilg/data/shapes.py)
     "num_samples": 2000,     # shapes: how many pairs
     "lang": "both",          # shapes captions: zh | en | both
     "seed": 0,               # shapes: generator seed
@@ -386,6 +386,9 @@ def validate_and_derive(cfg, origin):
             raise ConfigError(f"{origin}: Data.{split}.image_root is required for source '{d.source}'")
         if d.source != "shapes" and not d.path:
             raise ConfigError(f"{origin}: Data.{split}.path is required for source '{d.source}'")
+        if d.source == "shapes" and d.split not in ("train", "heldout", "dev", "test"):
+            raise ConfigError(f"{origin}: Data.{split}.split must be train, dev, test or heldout for shapes, "
+                              f"got {d.split!r}")
         if d.lang not in ("zh", "en", "both"):
             raise ConfigError(f"{origin}: Data.{split}.lang must be zh, en or both, got {d.lang!r}")
         if d.on_bad_line not in ("error", "skip"):

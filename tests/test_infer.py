@@ -86,22 +86,37 @@ def test_infer_errors_are_clear(run_dirs, tmp_path):
     assert r.returncode == 2 and "the model allows 16" in r.stderr
 
 
-def test_shapes_report_keys(run_dirs, tmp_path):
+def test_shapes_report_scores_what_it_wrote(run_dirs, tmp_path):
     r = _run("tools/shapes_report.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", f"Global.output_dir={run_dirs / 'vilg'}",
-             "-o", f"Data.eval.path={run_dirs / 'codes' / 'eval'}", "-o", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}",
-             "--out", str(tmp_path), "--num-prompts", "4", "--candidates", "2")
+             "-o", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}", "--out", str(tmp_path), "--num-prompts", "6",
+             "--num", "2")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
-    assert rep["vq_psnr"] > 0 and len(os.listdir(tmp_path / "t2i")) == 4
-    # recomputed here from what the report wrote and the held-out truth
-    from ppvilg.data.shards import CodeShards
+    assert rep["split"] == "test" and rep["num_prompts"] == 6 and rep["sampler"]["candidates"] == 2
+    assert rep["vq_psnr"] > 0 and len(os.listdir(tmp_path / "t2i")) == 6
+    # recomputed here from what the report wrote and the test split's truth
+    from ppvilg.data.shapes import ShapesPairs
     from ppvilg.metrics.shapes_reader import attribute_accuracy, read_image as read_shape
-    truth = [CodeShards(str(run_dirs / "codes" / "eval")).item(i)["meta"] for i in range(4)]
-    read = [read_shape(read_image(str(tmp_path / "t2i" / f"{k:03d}.png"))) for k in range(4)]
+    truth = [ShapesPairs("test", 6, 16, "both", 0).item(i)["attrs"] for i in range(6)]
+    read = [read_shape(read_image(str(tmp_path / "t2i" / f"{k:03d}.png"))) for k in range(6)]
     acc, per = attribute_accuracy(read, truth)
     assert rep["t2i_attribute_accuracy"] == pytest.approx(acc) and rep["t2i_per_attribute"] == per
-    assert rep["t2i_all_attributes_correct"] == pytest.approx(np.mean([r == t for r, t in zip(read, truth)]))
+    assert rep["t2i_all_correct"] == pytest.approx(np.mean([r == t for r, t in zip(read, truth)]))
     assert [e["truth"] for e in rep["examples"]] == truth
+    lo, hi = rep["intervals"]["t2i"]["all_correct"]
+    assert 0 <= lo <= rep["t2i_all_correct"] <= hi <= 1
+
+
+def test_report_intervals_by_hand():
+    """Wilson's interval for 8 of 10 (worked out from its formula) and a bootstrap that covers the mean."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from shapes_report import mean_interval, proportion_interval
+    z, k, n = 1.959963984540054, 8, 10
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert proportion_interval(8, 10) == [round(centre - half, 4), round(centre + half, 4)]
+    lo, hi = mean_interval([0.0, 0.25, 0.5, 1.0, 1.0, 1.0, 0.75, 1.0])
+    assert lo < np.mean([0.0, 0.25, 0.5, 1.0, 1.0, 1.0, 0.75, 1.0]) < hi and 0 <= lo and hi <= 1
 
 
 @pytest.mark.skipif(not os.path.isfile(__import__("ppvilg.metrics.inception", fromlist=["x"]).default_weights_path()),

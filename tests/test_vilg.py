@@ -146,7 +146,7 @@ def test_tiny_vilg_trains_and_both_losses_fall(tiny_shards, tmp_path):
     seed_everything(0)
     trainer = Trainer(cfg, build_task(cfg))
     from ppvilg.data.datasets import build_dataset
-    before, _ = trainer.task.evaluate(build_dataset(cfg.Data.eval, cfg.Data.image_size))
+    before, _, _ = trainer.task.evaluate(build_dataset(cfg.Data.eval, cfg.Data.image_size))
     metrics = trainer.fit()
     h = trainer.history
     for key in ("t2i_loss", "i2t_loss"):
@@ -200,3 +200,36 @@ def test_stage2_resume_with_adamw_and_condition_dropout_equals_uninterrupted(tin
     a, b = full.task.model.state_dict(), resumed.task.model.state_dict()
     for k in a:
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+
+
+def test_stage2_evaluation_shows_generated_images_and_captions_in_visualdl(run_dirs, tmp_path):
+    """Read back with VisualDL's own reader: held-out losses, a grid generated from the evaluation prompts and
+    the captions of the evaluation images (the same prompts / images at every evaluation); and building the
+    image tokenizer for the grid mid-run leaves training's random streams alone (a run with the grids equals
+    one without)."""
+    from visualdl import LogReader
+
+    def run(out, *extra):
+        cfg = load_config(TINY, [f"Global.output_dir={out}", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}",
+                                 f"Data.train.path={run_dirs / 'codes' / 'train'}",
+                                 f"Data.eval.path={run_dirs / 'codes' / 'eval'}", "Train.max_steps=4",
+                                 "Train.eval_every=2", "Loss.cond_dropout=0.5", "Eval.num_visuals=4", *extra])
+        seed_everything(0)
+        trainer = Trainer(cfg, build_task(cfg))
+        trainer.fit()
+        return trainer
+
+    with_grids = run(tmp_path / "vdl", "Train.vdl=true")
+    without = run(tmp_path / "plain", "Eval.num_visuals=0")
+    assert [h["loss"] for h in with_grids.history] == [h["loss"] for h in without.history]
+    files = [f for f in os.listdir(tmp_path / "vdl" / "vdl") if f.startswith("vdlrecords")]
+    reader = LogReader(file_path=str(tmp_path / "vdl" / "vdl" / files[0]))
+    tags = reader.get_tags()
+    assert {"eval/t2i_loss", "eval/i2t_loss", "train/loss"} <= set(tags["scalar"])
+    assert "eval/generated_from_eval_prompts" in tags["image"]
+    assert {"eval/captions_of_eval_images", "eval/eval_prompts"} <= set(tags["text"])
+    records = reader.get_data("text", "eval/captions_of_eval_images")
+    assert [r.id for r in records] == [2, 4]
+    text = records[-1].text.encoded_text_string
+    assert text.count("truth:") == 4 and text.count("caption:") == 4
+    assert len(reader.get_data("image", "eval/generated_from_eval_prompts")) == 2

@@ -3,7 +3,7 @@
 
   python tools/ablation_e2e.py [--steps 300] [--out output/ablation_e2e] [--skip-train]
 
-Needs the demo's stage 1 (output/demo/vqgan) and held-out shards (output/demo/codes/heldout): run `make demo`
+Needs the demo's stage 1 (output/demo/vqgan) and held-out shards (output/demo/codes/dev): run `make demo`
 first. Trains two stage-2 models from the same seed and data (shapes images encoded on the fly by the frozen
 tokenizer, configs/demo/vilg_shapes.yaml otherwise): two-stage (L = L_t2i + L_i2t) and end-to-end
 (+ the reconstruction loss through the end-to-end reconstructor). Then, on held-out prompts (unseen attribute
@@ -69,7 +69,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts / images scored")
     p.add_argument("--out", default="output/ablation_e2e")
-    p.add_argument("--heldout", default="output/demo/codes/heldout", help="held-out shards of the demo")
+    p.add_argument("--heldout", default="output/demo/codes/dev", help="held-out shards of the demo")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true", help="score the two checkpoints already in --out")
     a = p.parse_args(argv)

@@ -37,7 +37,8 @@ def reconstruction(cfg, folder, meta, ckpt_cfg, split):
     task.eval()
     dataset = build_dataset(cfg.Data[split], cfg.Data.image_size, **image_limits(cfg.Data))
     get_logger().info(f"evaluating {folder} on Data.{split} ({len(dataset)} pairs)")
-    return task.evaluate(dataset)
+    metrics, images, _ = task.evaluate(dataset)
+    return metrics, images
 
 
 def stage2(cfg, folder, split, which):

@@ -1,10 +1,12 @@
 """Deterministic synthetic "shapes" pairs: one coloured shape on a black background, with Chinese and English
 captions that state its size, colour, shape and position.
 
-Attributes: 6 colours x 3 shapes x 9 positions (3x3 grid) x 2 sizes. A fixed sixth-or-so of the
-(colour, shape, position) triples never occurs in the train split; the `heldout` split uses only those
-triples (every single attribute value still occurs in training, only the combination is new). Captions come
-from templates; the held-out split also uses templates never seen in training. Sample i of a split is a
+Attributes: 6 colours x 3 shapes x 9 positions (3x3 grid) x 2 sizes. A fixed ninth of the
+(colour, shape, position) triples (18 of 162) never occurs in the train split; the held-out splits use only
+those triples (every single attribute value still occurs in training, only the combination is new): `dev`
+(9 of them: every choice of settings is made here) and `test` (the other 9: reported, never tuned on), with
+disjoint items too; `heldout` is their union. Captions come from templates; the held-out splits also use
+templates never seen in training. Sample i of a split is a
 pure function of (seed, split, i), so any subset can be regenerated exactly, and because the generator knows
 the ground truth, `ppvilg.metrics.shapes_reader` can score images and captions exactly.
 """
@@ -56,11 +58,18 @@ def is_heldout(ci, si, pi):
     return (ci + 2 * si + 4 * pi) % 9 == 0
 
 
+SPLITS = ("train", "heldout", "dev", "test")
+
+
 def split_triples(split):
-    if split not in ("train", "heldout"):
-        raise ValueError(f"shapes split must be 'train' or 'heldout', got {split!r}")
-    want = split == "heldout"
-    return [t for t in _triples() if is_heldout(*t) == want]
+    if split not in SPLITS:
+        raise ValueError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "train":
+        return [t for t in _triples() if not is_heldout(*t)]
+    held = [t for t in _triples() if is_heldout(*t)]
+    if split == "heldout":
+        return held
+    return held[0::2] if split == "dev" else held[1::2]
 
 
 def cell_centre(pi, size_px):
@@ -111,8 +120,8 @@ class ShapesPairs:
             split, int(num_samples), int(image_size), lang, int(seed))
         self.triples = split_triples(split)
         self.langs = ["zh", "en"] if lang == "both" else [lang]
-        templates = TEMPLATES[split]
-        if split == "heldout":  # held-out prompts mix unseen and seen phrasings
+        templates = TEMPLATES["train"]
+        if split != "train":  # held-out prompts mix unseen and seen phrasings
             templates = {k: TEMPLATES["heldout"][k] + TEMPLATES["train"][k] for k in ("en", "zh")}
         self.templates = templates
 
@@ -120,7 +129,7 @@ class ShapesPairs:
         return self.num_samples
 
     def attrs(self, i):
-        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
         ci, si, pi = self.triples[i % len(self.triples)]
         return rng, {"color": list(COLORS)[ci], "shape": list(SHAPES)[si],
                      "position": list(POSITIONS)[pi], "size": list(SIZES)[(i // len(self.triples)) % 2]}

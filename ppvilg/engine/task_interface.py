@@ -39,7 +39,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, dataset):
-        """({metric: float}, {name: RGB uint8 image}) on an evaluation dataset."""
+        """({metric: float}, {name: RGB uint8 image}, {name: text}) on an evaluation dataset; the images and
+        texts go to VisualDL. Must not change the random streams training draws from."""
         raise NotImplementedError
 
     def train(self):

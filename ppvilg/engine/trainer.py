@@ -250,7 +250,7 @@ class Trainer:
             return {}
         t0 = time.time()
         self.task.eval()
-        metrics, images = self.task.evaluate(dataset)
+        metrics, images, texts = self.task.evaluate(dataset)
         self.task.train()
         self.log.info(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                       + f" ({time.time() - t0:.1f}s)")
@@ -259,6 +259,8 @@ class Trainer:
         if w is not None:
             for k, img in images.items():
                 w.add_image(f"eval/{k}", img, self.step, dataformats="HWC")
+            for k, text in texts.items():
+                w.add_text(f"eval/{k}", text, self.step)
         return metrics
 
     # ---- loop --------------------------------------------------------------------------------------

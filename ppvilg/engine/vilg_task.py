@@ -26,6 +26,7 @@ from ppvilg.models.vilg import ViLG, parallel_layout_errors
 from ppvilg.models.vilg_pp import build_pipeline, to_model_names, to_pipeline_names
 from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
+from ppvilg.utils.runtime import rng_preserved
 from ppvilg_deploy.decoding import SamplerSettings
 from ppvilg_deploy.sequences import SequenceBuilder
 
@@ -84,7 +85,8 @@ class ViLGTask(Task):
                  "end_to_end": False,    # train the E2E reconstructor and, through it, the generator
                  "recon_weight": 1.0,    # weight of the pixel reconstruction loss (the paper: equal weights)
                  "recon": "l2"},         # l2 | l1
-        "Eval": dict(batch_size=64, **EVAL_DEFAULTS),
+        "Eval": dict(batch_size=64, num_visuals=8, **EVAL_DEFAULTS),   # num_visuals: prompts / images shown in
+                                                                       # VisualDL at each evaluation (0: none)
     }
 
     renamed_sections = {"Tokenizer": "ImageTokenizer"}
@@ -116,6 +118,7 @@ class ViLGTask(Task):
             check_range(cfg.Loss[key], f"Loss.{key}", 0, origin=origin)
         check_range(cfg.Eval.batch_size, "Eval.batch_size", 1, origin=origin)
         check_range(cfg.Eval.num_samples, "Eval.num_samples", 1, origin=origin)
+        check_range(cfg.Eval.num_visuals, "Eval.num_visuals", 0, zero="none", origin=origin)
         try:
             SamplerSettings.from_mapping(cfg.Eval)
         except ValueError as e:
@@ -162,7 +165,8 @@ class ViLGTask(Task):
         if self._image_tokenizer is None:
             if not self.cfg.ImageTokenizer.checkpoint:
                 raise RuntimeError("images need the stage-1 image tokenizer: set ImageTokenizer.checkpoint")
-            vq, _ = load_matching_image_tokenizer(self.cfg.ImageTokenizer.checkpoint, self.model.config)
+            with rng_preserved():   # built on first use, possibly mid-training: training's streams stay as they were
+                vq, _ = load_matching_image_tokenizer(self.cfg.ImageTokenizer.checkpoint, self.model.config)
             for p in vq.parameters():
                 p.stop_gradient = True
             self._image_tokenizer = vq
@@ -297,4 +301,32 @@ class ViLGTask(Task):
                "i2t_unigram": unigram_entropy(np.concatenate(i2t_targets), c.text_vocab_size)}
         if counts.get("recon"):
             out["recon_loss"] = sums["recon"] / counts["recon"]
-        return out, {}
+        images, texts = self.samples(dataset)
+        return out, images, texts
+
+    @paddle.no_grad()
+    def samples(self, dataset):
+        """What VisualDL shows at each evaluation: images generated from the first Eval.num_visuals prompts of
+        the evaluation set (when an image tokenizer is configured to draw them) and the captions of its first
+        images, next to the truth. The sampler is the Eval section's (one candidate, its seed): the same
+        prompts and settings at every evaluation, so the grids show training progress."""
+        n = min(self.cfg.Eval.num_visuals, len(dataset))
+        if n == 0:
+            return {}, {}
+        from ppvilg.data.images import make_grid, to_uint8_image
+        from ppvilg.generation import Generator
+        self.model.eval()
+        batch = next(eval_batches(dataset, n))
+        codes, texts = self.codes_of(batch), batch["text"]
+        gen = Generator(self.model, self.text_tokenizer, SamplerSettings.from_mapping(self.cfg.Eval).replace(
+            candidates=1))
+        caps = gen.image_to_text(codes)
+        lines = [f"{k}. truth: {t}  \n   caption: {c['text']}" for k, (t, c) in enumerate(zip(texts, caps))]
+        images = {}
+        if self.cfg.ImageTokenizer.checkpoint:
+            made = gen.text_to_image(texts, truncate=True)[:, 0]
+            pixels = self.image_tokenizer.decode_codes(paddle.to_tensor(made)).numpy()
+            images["generated_from_eval_prompts"] = make_grid([to_uint8_image(a) for a in pixels], min(8, n))
+        self.model.train()
+        return images, {"captions_of_eval_images": "\n\n".join(lines),
+                        "eval_prompts": "\n\n".join(f"{k}. {t}" for k, t in enumerate(texts))}

@@ -159,4 +159,4 @@ class VQGANTask(Task):
         usage, perplexity = codebook_stats(counts)
         metrics = {"psnr": p_sum / n, "ssim": s_sum / n, "codebook_usage": usage,
                    "codebook_perplexity": perplexity, "num_images": n, "skipped_images": skipped}
-        return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}
+        return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}, {}
