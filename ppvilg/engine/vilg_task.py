@@ -311,7 +311,10 @@ class ViLGTask(Task):
         images, next to the truth. The sampler is the Eval section's (one candidate, its seed): the same
         prompts and settings at every evaluation, so the grids show training progress."""
         n = min(self.cfg.Eval.num_visuals, len(dataset))
-        if n == 0:
+        par = self.parallel
+        # only where VisualDL is written (rank 0), and not on split weights: tensor-parallel ranks hold part of
+        # the text vocabulary and decode in lock-step collectives; sharding stage 3 holds slices of every weight
+        if n == 0 or par.rank != 0 or par.mp > 1 or (par.sharding > 1 and par.stage == 3):
             return {}, {}
         from ppvilg.data.images import make_grid, to_uint8_image
         from ppvilg.generation import Generator
