@@ -21,6 +21,7 @@ into place and the parent folder fsynced; temporary folders that a killed write 
 next save. Checkpoints written by ppvilg 0.1 (pickle: *.pdparams, *.pdopt, rng.pkl) are refused;
 `tools/convert_checkpoint.py --legacy-pickle` rewrites one you trust in this format.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -222,34 +223,76 @@ def _generator_state(values):
     return state
 
 
-def rng_state(tracker=False):
-    """Python / numpy / paddle (and CUDA) RNG states as JSON-able data; with tracker, Fleet's tensor-parallel
-    RNG tracker too."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-           "paddle": [list(g.__getstate__()) for g in paddle.get_rng_state()]}
+def live_rng(tracker=False):
+    """This process's RNG states as python / numpy / paddle objects (the form ppvilg 0.1 pickled): python,
+    numpy, paddle (and CUDA); with tracker, Fleet's tensor-parallel RNG tracker too."""
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
     if _cuda():
-        out["cuda"] = [list(g.__getstate__()) for g in paddle.get_cuda_rng_state()]
+        out["cuda"] = paddle.get_cuda_rng_state()
     if tracker:
         from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
-        out["tracker"] = {k: [list(g.__getstate__()) for g in states]   # a paddle.get_rng_state() list per name
-                          for k, states in get_rng_state_tracker().get_states_tracker().items()}
+        out["tracker"] = get_rng_state_tracker().get_states_tracker()   # name -> a paddle.get_rng_state() list
     return out
 
 
-def set_rng_state(rng):
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, cached))
-    paddle.set_rng_state([_generator_state(g) for g in rng["paddle"]])
+def restore_live_rng(rng):
+    """Set the RNG states that live_rng (or rng_from_json) gave."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    paddle.set_rng_state(rng["paddle"])
     if "cuda" in rng and _cuda():
-        paddle.set_cuda_rng_state([_generator_state(g) for g in rng["cuda"]])
+        paddle.set_cuda_rng_state(rng["cuda"])
     if "tracker" in rng:
         from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
-        get_rng_state_tracker().set_states_tracker({k: [_generator_state(g) for g in states]
-                                                    for k, states in rng["tracker"].items()})
+        get_rng_state_tracker().set_states_tracker(rng["tracker"])
+
+
+def rng_to_json(rng):
+    """live_rng's objects -> JSON-able data (a GeneratorState as its own state tuple)."""
+    version, internal, gauss = rng["python"]
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    out = {"python": [version, list(internal), gauss], "numpy": [name, np.asarray(keys).tolist(), pos, has_gauss,
+                                                                 cached],
+           "paddle": [list(g.__getstate__()) for g in rng["paddle"]]}
+    if "cuda" in rng:
+        out["cuda"] = [list(g.__getstate__()) for g in rng["cuda"]]
+    if "tracker" in rng:
+        out["tracker"] = {k: [list(g.__getstate__()) for g in states] for k, states in rng["tracker"].items()}
+    return out
+
+
+def rng_from_json(data):
+    """The inverse of rng_to_json."""
+    version, internal, gauss = data["python"]
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    out = {"python": (version, tuple(internal), gauss),
+           "numpy": (name, np.asarray(keys, np.uint32), pos, has_gauss, cached),
+           "paddle": [_generator_state(g) for g in data["paddle"]]}
+    if "cuda" in data:
+        out["cuda"] = [_generator_state(g) for g in data["cuda"]]
+    if "tracker" in data:
+        out["tracker"] = {k: [_generator_state(g) for g in states] for k, states in data["tracker"].items()}
+    return out
+
+
+def rng_state(tracker=False):
+    """This process's RNG states as JSON-able data (see live_rng)."""
+    return rng_to_json(live_rng(tracker))
+
+
+def set_rng_state(data):
+    restore_live_rng(rng_from_json(data))
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Run a block (e.g. building a model for evaluation) without changing the python / numpy / paddle (and
+    CUDA) random streams that training draws from."""
+    saved = live_rng()
+    try:
+        yield
+    finally:
+        restore_live_rng(saved)
 
 
 # ---- writing ------------------------------------------------------------------------------------------------

@@ -302,6 +302,8 @@ def _rename_sections(raw, renamed, origin):
         raw[new] = raw.pop(old)
 
 
+POSITIVE = 1e-30   # as the lowest allowed value: "> 0"
+
 # (key, lowest allowed, highest allowed or None, what 0 means where 0 is allowed)
 NUMBER_RANGES = (
     ("Global.num_threads", 0, None, "paddle's default"),
@@ -317,8 +319,8 @@ NUMBER_RANGES = (
     ("Train.eval_every", 0, None, "only at the end"),
     ("Train.save_every", 0, None, "only at the end"),
     ("Train.keep_checkpoints", 0, None, "keep all"),
-    ("Train.amp.init_loss_scaling", 1e-30, None, None),
-    ("Optimizer.lr", 1e-30, None, None),
+    ("Train.amp.init_loss_scaling", POSITIVE, None, None),
+    ("Optimizer.lr", POSITIVE, None, None),
     ("Optimizer.weight_decay", 0, None, "none"),
     ("Optimizer.warmup_steps", 0, None, "no warmup"),
     ("Optimizer.min_lr_ratio", 0, 1, "decay to 0"),
@@ -336,7 +338,7 @@ def check_range(value, key, lo, hi=None, zero=None, origin=""):
     """A ConfigError unless lo <= value (<= hi); `zero` says what 0 means where it is allowed."""
     if value is None or (lo <= value and (hi is None or value <= hi)):
         return
-    if lo >= 1e-30 and lo < 1:
+    if lo == POSITIVE:
         want = "> 0"
     elif hi is None:
         want = f">= {lo}" + (f" (0: {zero})" if zero else "")

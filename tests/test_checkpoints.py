@@ -133,10 +133,7 @@ def _write_legacy(folder, src):
                     os.path.join(folder, f"{module}.pdparams"))
     for phase in ("generator", "discriminator"):
         paddle.save(ckpt.read_optimizer(src, phase), os.path.join(folder, f"{phase}.pdopt"))
-    rng = json.loads(ckpt.read_verified(src, "rng.json"))
-    legacy = {"python": (rng["python"][0], tuple(rng["python"][1]), rng["python"][2]),
-              "numpy": (rng["numpy"][0], np.asarray(rng["numpy"][1], np.uint32), *rng["numpy"][2:]),
-              "paddle": [ckpt._generator_state(g) for g in rng["paddle"]]}
+    legacy = ckpt.rng_from_json(json.loads(ckpt.read_verified(src, "rng.json")))   # python / numpy / paddle objects
     with open(os.path.join(folder, "rng.pkl"), "wb") as f:
         pickle.dump(legacy, f)
 

@@ -22,19 +22,9 @@ from ppvilg.utils.runtime import get_logger  # noqa: E402  (quiet imports first)
 from ppvilg.utils.cli import config_parser, load_or_exit  # noqa: E402
 from ppvilg.config import to_config  # noqa: E402
 from ppvilg.data.datasets import build_dataset, image_limits  # noqa: E402
-from ppvilg.data.pairs import ManifestError  # noqa: E402
+from ppvilg.data.pairs import ManifestError, line_reason  # noqa: E402
 
-# a skipped manifest line's reason (after "file:line: ") -> its category
-LINE_REASONS = (("not valid UTF-8", "invalid UTF-8"), ("not valid JSON", "invalid JSON"),
-                ("expected a JSON object", "not a JSON object"), ("expected string fields", "missing fields"),
-                ("tab-separated fields", "wrong column count"), ("empty caption", "empty caption"),
-                ("outside the manifest's folder", "image path outside the manifest's folder"))
 EXAMPLES = 3
-
-
-def line_reason(message):
-    text = message.split(": ", 1)[-1]
-    return next((cat for phrase, cat in LINE_REASONS if phrase in text), "bad line")
 
 
 def check(dataset, max_text_len=None, tokenizer=None, progress=None):

@@ -68,16 +68,7 @@ def _unpickle_paddle(path):
 def _legacy_rng(path):
     import pickle
     with open(path, "rb") as f:
-        rng = pickle.load(f)   # runs code from the file: only on the user's explicit --legacy-pickle
-    version, internal, gauss = rng["python"]
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    out = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-           "paddle": [list(g.__getstate__()) for g in rng["paddle"]]}
-    if "cuda" in rng:
-        out["cuda"] = [list(g.__getstate__()) for g in rng["cuda"]]
-    if "tracker" in rng:
-        out["tracker"] = {k: [list(g.__getstate__()) for g in states] for k, states in rng["tracker"].items()}
-    return out
+        return ckpt.rng_to_json(pickle.load(f))   # runs code from the file: only on the explicit --legacy-pickle
 
 
 def convert_legacy_folder(src, dst):

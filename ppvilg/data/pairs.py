@@ -29,6 +29,19 @@ class Pair:
     meta: dict = field(default_factory=dict)
 
 
+# the reason of a skipped line (the text after "file:line: ") -> its category (tools/check_data.py groups by it)
+LINE_REASONS = (("not valid UTF-8", "invalid UTF-8"), ("not valid JSON", "invalid JSON"),
+                ("expected a JSON object", "not a JSON object"), ("expected string fields", "missing fields"),
+                ("tab-separated fields", "wrong column count"), ("empty caption", "empty caption"),
+                ("outside the manifest's folder", "image path outside the manifest's folder"))
+
+
+def line_reason(message):
+    """The category of a skipped-line message recorded by the readers below."""
+    text = message.split(": ", 1)[-1]
+    return next((cat for phrase, cat in LINE_REASONS if phrase in text), "bad line")
+
+
 def _resolve(base, p):
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 

@@ -189,9 +189,8 @@ class Trainer:
             if folder is None:
                 self.log.info(f"Global.resume=auto: no checkpoint in {self.ckpt_dir}; starting from step 0")
                 return
-        else:
+        else:   # (every file read below is checked against the index as it is read)
             folder = ckpt.resolve_checkpoint(path, self.out)
-            ckpt.verify(folder)
         meta, _ = ckpt.read_meta(folder)
         if meta.get("task") != self.cfg.Global.task:
             raise CheckpointError(f"{folder}: a '{meta.get('task')}' checkpoint cannot resume a "

@@ -16,7 +16,7 @@ import paddle
 
 from ppvilg.config import ConfigError, check_range
 from ppvilg.data.datasets import eval_batches
-from ppvilg.checkpoints import CheckpointError, load_matching_image_tokenizer
+from ppvilg.checkpoints import CheckpointError, load_matching_image_tokenizer, rng_preserved
 from ppvilg.distributed import convert
 from ppvilg.engine.task_interface import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
@@ -26,7 +26,6 @@ from ppvilg.models.vilg import ViLG, parallel_layout_errors
 from ppvilg.models.vilg_pp import build_pipeline, to_model_names, to_pipeline_names
 from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
-from ppvilg.utils.runtime import rng_preserved
 from ppvilg_deploy.decoding import SamplerSettings
 from ppvilg_deploy.sequences import SequenceBuilder
 

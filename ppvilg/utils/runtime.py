@@ -1,5 +1,4 @@
 """Process set-up shared by every tool: quiet imports, device, CPU threads, seeds, rank-aware logging."""
-import contextlib
 import logging
 import os
 import random
@@ -50,23 +49,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     paddle.seed(seed)
-
-
-@contextlib.contextmanager
-def rng_preserved():
-    """Run a block (e.g. building a model for evaluation) without changing the python / numpy / paddle (and
-    CUDA) random streams that training draws from."""
-    py, np_state, pd = random.getstate(), np.random.get_state(), paddle.get_rng_state()
-    cuda = paddle.get_cuda_rng_state() if paddle.device.is_compiled_with_cuda() and \
-        paddle.device.cuda.device_count() > 0 else None
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        paddle.set_rng_state(pd)
-        if cuda is not None:
-            paddle.set_cuda_rng_state(cuda)
 
 
 def setup_from_config(cfg):
