@@ -94,9 +94,11 @@ class Generator(Decoding):
         text, valid_t = self.seq.text(texts, truncate=True)
         ids, valid, _ = self.seq.image_to_text(codes, text=(text, valid_t))
         logits, _ = self.m(paddle.to_tensor(ids), valid, self.layouts["i2t"])
-        logp = F.log_softmax(logits[..., :self.seq.tok.vocab_size].astype("float32"), -1).numpy()
-        tok_lp = np.take_along_axis(logp, text[:, :, None], -1)[:, :, 0]
-        return (tok_lp * valid_t).sum(1)
+        # -log p(token) by the fused softmax-with-cross-entropy kernel: Paddle's CPU log_softmax over a text
+        # vocabulary is ~200x slower (80 s against 0.4 s for 256 x 24 x 12295 logits on 2 cores)
+        nll = F.cross_entropy(logits[..., :self.seq.tok.vocab_size].astype("float32"),
+                              paddle.to_tensor(text).unsqueeze(-1), reduction="none")
+        return -(nll[..., 0].numpy() * valid_t).sum(1)
 
     def rerank(self, texts, candidates, scorer=None, images=None):
         """candidates [len(texts), N, grid, grid] -> (order [len(texts), N] best first, scores [len(texts), N]).
