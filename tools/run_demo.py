@@ -2,7 +2,8 @@
 report on the test split; prints the elapsed time of each stage at the end. Stops at the first stage that
 fails, with its exit status.
 
-  python tools/run_demo.py        (everything under output/demo, where configs/demo/*.yaml read and write)
+  python tools/run_demo.py                      (everything under output/demo, as configs/demo/*.yaml say)
+  python tools/run_demo.py --seed 1 --out output/demo_seed1   (another training seed, in another folder)
 """
 import argparse
 import os
@@ -16,25 +17,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = "output/demo"
 
 
-def stages(out=OUT):
-    vq, vilg = "configs/demo/vqgan_shapes.yaml", "configs/demo/vilg_shapes.yaml"
+def stages(out=OUT, seed=None):
+    """The demo's commands; `out` other than output/demo and `seed` (Global.seed of both training stages)
+    become -o overrides of the configs."""
+    vq = ["-c", "configs/demo/vqgan_shapes.yaml"]
+    vilg = ["-c", "configs/demo/vilg_shapes.yaml"]
+    train_vq, train_vilg = [], []
+    if out != OUT:
+        vq += ["-o", f"Global.output_dir={out}/vqgan"]
+        vilg += ["-o", f"Global.output_dir={out}/vilg", "-o", f"ImageTokenizer.checkpoint={out}/vqgan",
+                 "-o", f"Data.train.path={out}/codes/train", "-o", f"Data.eval.path={out}/codes/dev"]
+    if seed is not None:
+        train_vq, train_vilg = ["-o", f"Global.seed={seed}"], ["-o", f"Global.seed={seed}"]
     return [
-        ("stage 1: image tokenizer", ["tools/train.py", "-c", vq]),
-        ("stage 1: evaluation (dev)", ["tools/eval.py", "-c", vq]),
-        ("code shards (train)", ["tools/tokenize_images.py", "-c", vq, "--split", "train", "--out",
+        ("stage 1: image tokenizer", ["tools/train.py", *vq, *train_vq]),
+        ("stage 1: evaluation (dev)", ["tools/eval.py", *vq]),
+        ("code shards (train)", ["tools/tokenize_images.py", *vq, "--split", "train", "--out",
                                  f"{out}/codes/train", "--overwrite"]),
-        ("code shards (dev)", ["tools/tokenize_images.py", "-c", vq, "--split", "eval", "--out",
+        ("code shards (dev)", ["tools/tokenize_images.py", *vq, "--split", "eval", "--out",
                                f"{out}/codes/dev", "--overwrite"]),
-        ("stage 2: unified transformer", ["tools/train.py", "-c", vilg]),
-        ("report (test split)", ["tools/shapes_report.py", "-c", vilg, "--out", out]),
+        ("stage 2: unified transformer", ["tools/train.py", *vilg, *train_vilg]),
+        ("report (test split)", ["tools/shapes_report.py", *vilg, "--out", out]),
     ]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=None,
+                   help="Global.seed of both training stages (default: the configs' 42)")
+    p.add_argument("--out", default=OUT, help=f"folder for every output (default: {OUT})")
+    args = p.parse_args(argv)
     times = []
-    for name, cmd in stages():
+    for name, cmd in stages(args.out.rstrip("/"), args.seed):
         print(f"==> {name}: python {' '.join(cmd)}", flush=True)
         t0 = time.time()
         rc = subprocess.call([sys.executable, *cmd], cwd=ROOT)
