@@ -12,8 +12,10 @@ The folder holds everything deploy/python needs and nothing else:
 
 A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks [P, B, 1, s, S] (this step's
 rows of each mask pattern, key padding added), start [1] (the first slot of this step) and the KV cache as
-cache_k_0, cache_v_0, ... [B, H, S, Dh] per layer, and returns the logits of its last slot and the updated
-cache (same order). The prefill runs the source
+cache_k_0, cache_v_0, ... [B, H, S, Dh] per layer, and returns logits and the updated cache (same order):
+step_image the logits of every slot of the step [B, s, V] (speculative Jacobi decoding verifies a window of
+drafts in one step), step_text those of its last slot [B, V] (a text prefill runs ~n image slots, whose
+vocabulary-wide logits nobody reads). The prefill runs the source
 and the first target slot as one step from an empty cache; every later token is a step of one slot. The same
 ViLG code runs (Block.step_functional); only the cache write is a pure function instead of in-place.
 """
@@ -27,6 +29,7 @@ import yaml
 from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, direction_layouts, layer_pattern, static_mask
 from ppvilg.utils.io import AtomicDir, atomic_write_text
 from ppvilg_deploy.decoding import SamplerSettings
+from ppvilg_deploy.predictor import FORMAT
 
 
 class StepProgram(paddle.nn.Layer):
@@ -45,7 +48,10 @@ class StepProgram(paddle.nn.Layer):
         for i, block in enumerate(self.m.blocks):
             x, k, v = block.step_functional(x, masks[self.pattern_index[i]], cache[2 * i], cache[2 * i + 1], start)
             new += [k, v]
-        logits = self.m.head(x[:, -1:], self.target_kind)[:, 0]
+        if self.target_kind == IMAGE_TGT:
+            logits = self.m.head(x, self.target_kind)
+        else:
+            logits = self.m.head(x[:, -1:], self.target_kind)[:, 0]
         return [logits if logits.dtype == paddle.float32 else logits.astype("float32")] + new
 
 
@@ -106,7 +112,7 @@ def export(vilg, cfg, out):
         ev = cfg.Eval
         lays = direction_layouts(c.max_text_len, c.grid)
         info = {
-            "format": "ppvilg-inference/1",
+            "format": FORMAT,
             "model": {"text_len": c.max_text_len, "grid": c.grid, "num_codes": c.num_codes,
                       "text_vocab_size": c.text_vocab_size, "num_layers": c.num_layers, "num_heads": heads,
                       "head_dim": head_dim, "boi_id": model.boi_id,

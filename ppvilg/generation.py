@@ -37,18 +37,27 @@ class DygraphDecoder:
         self.masks = model.layer_masks(layout, valid)
         self.cache = model.new_cache(ids.shape[0], layout.length) if use_cache else None
 
-    @paddle.no_grad()
     def logits_at(self, slot):
         """Logits predicting the token after `slot` (slots up to `slot` must be filled)."""
+        return self.logits_span(slot, slot)[:, 0]
+
+    @paddle.no_grad()
+    def logits_span(self, first, last):
+        """Logits [B, last - first + 1, V] predicting the token after each of the slots first .. last, in one
+        forward (slots up to `last` must be filled; with the cache, slots before `first` must have been run
+        with the tokens they hold now). The cache holds these slots' keys and values afterwards; whatever it
+        held beyond `last` is never attended (causal mask) and is overwritten when those slots run again, so
+        rejecting drafts needs no copy (speculative Jacobi decoding)."""
         m = self.m
         if not self.use_cache:
-            h = m.hidden(paddle.to_tensor(self.ids), self.valid, self.layout)[:, slot:slot + 1]
+            h = m.hidden(paddle.to_tensor(self.ids), self.valid, self.layout)[:, first:last + 1]
         else:
-            start = 0 if slot == self.t0 else slot
-            sl = slice(start, slot + 1)
+            start = 0 if first == self.t0 else first   # the prefill runs the source too
+            sl = slice(start, last + 1)
+            # attention over the filled prefix only: the mask's key length bounds the cache read
             h = m.step(paddle.to_tensor(self.ids[:, sl]), self.kind[sl], self.pos[sl],
-                       [mk[:, :, sl] for mk in self.masks], self.cache, start)[:, -1:]
-        return m.head(h, self.target_kind)[:, 0].astype("float32").numpy()
+                       [mk[:, :, sl, :last + 1] for mk in self.masks], self.cache, start)[:, first - start:]
+        return m.head(h, self.target_kind).astype("float32").numpy()
 
     def reorder(self, index):
         """Keep rows `index` (beam search)."""

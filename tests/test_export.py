@@ -69,6 +69,9 @@ def test_deploy_generates_what_the_dynamic_graph_generates(exported, run_dirs):
     images, got = dep.text_to_image(texts, candidates=2, top_k=5, cfg_scale=2.0, seed=7)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(images, pipe.decode(want))
+    # speculative Jacobi decoding over the exported step (logits of a window of slots per step)
+    sjd = dict(candidates=2, top_k=5, cfg_scale=2.0, seed=7, decoding="sjd", sjd_window=6)
+    np.testing.assert_array_equal(dep.text_to_image(texts, **sjd)[1], pipe.gen.text_to_image(texts, **sjd))
     np.testing.assert_array_equal(dep.encode(list(images[0])), pipe.encode(list(images[0])))
     for method in ("greedy", "beam"):
         a = pipe.gen.image_to_text(want[:, 0], caption_method=method, beam_size=3)

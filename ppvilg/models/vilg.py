@@ -157,14 +157,14 @@ class Attention(nn.Layer):
     def forward(self, x, mask, cache=None, start=0):
         """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1, s, S_keys].
         cache: None (keys = these slots), or a preallocated (k, v) pair [B, H, S_max, Dh] into which these
-        slots' keys and values are written at `start` (inference only); attention then runs over the whole
-        buffer and the mask hides the slots not written yet."""
+        slots' keys and values are written in place at `start` (inference only); attention then runs over the
+        first S_keys slots of the buffer (the filled prefix: S_keys = start + s), the mask hiding the rest."""
         q, k, v = self._qkv(x)
         if cache is not None:
-            s = x.shape[1]
+            s, keys = x.shape[1], mask.shape[-1]
             cache[0][:, :, start:start + s] = k
             cache[1][:, :, start:start + s] = v
-            k, v = cache
+            k, v = (cache[0], cache[1]) if keys == cache[0].shape[2] else (cache[0][:, :, :keys], cache[1][:, :, :keys])
         if self.recompute_scores and self.training:
             from paddle.distributed.fleet.utils import recompute
             return self._out(recompute(self._scores, q, k, v, mask))
@@ -325,7 +325,8 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
 
     def step(self, ids, kind, pos, masks, cache, start):
         """Run slots start .. start+s-1 (ids [B, s], kind/pos [s]) against the cache; masks: per layer
-        additive [B, 1, s, S_max] (rows of `layer_masks` for these slots). Returns hidden [B, s, D]."""
+        additive [B, 1, s, S_keys] (rows of `layer_masks` for these slots, over the first S_keys >= start + s
+        slots: the keys attended). Returns hidden [B, s, D]."""
         x = self.embed(ids, kind, pos)
         for block, m, kv in zip(self.blocks, masks, cache):
             x = block(x, m, kv, start)

@@ -1,7 +1,7 @@
 """The sampler options of the command lines (tools/infer.py over a checkpoint, deploy/python/infer.py over an
 export): one flag per SamplerSettings field; a flag not given keeps the model's default (the checkpoint's Eval
 section, or the export's inference.yml)."""
-from ppvilg_deploy.decoding import CAPTION_METHODS, SamplerSettings
+from ppvilg_deploy.decoding import CAPTION_METHODS, IMAGE_DECODINGS, SamplerSettings
 
 # flag -> (SamplerSettings field, type, help); every field has one (tests/test_generation.py checks)
 FLAGS = {
@@ -11,6 +11,9 @@ FLAGS = {
     "--top-p": ("top_p", float, "nucleus sampling: keep the smallest set with this much probability (1: off)"),
     "--cfg-scale": ("cfg_scale", float, "text->image: classifier-free guidance scale (1: off)"),
     "--seed": ("seed", int, "sampling seed"),
+    "--decoding": ("decoding", str, "text->image: sequential (one code per forward) or sjd (speculative Jacobi "
+                   "decoding: several codes per forward, the same distribution)"),
+    "--sjd-window": ("sjd_window", int, "text->image with --decoding sjd: draft codes per forward"),
     "--method": ("caption_method", str, f"caption / answer decoding: {', '.join(CAPTION_METHODS)}"),
     "--beam-size": ("beam_size", int, "beam search: beams per image"),
     "--length-penalty": ("length_penalty", float, "beam search: score = log-prob / length ** penalty"),
@@ -22,7 +25,8 @@ def add_sampler_arguments(parser, defaults_from):
     """Add the sampler flags; `defaults_from` says where unset ones come from (shown in --help)."""
     group = parser.add_argument_group(f"sampler (an option not given takes its default from {defaults_from})")
     for flag, (field, kind, text) in FLAGS.items():
-        extra = {"choices": CAPTION_METHODS} if field == "caption_method" else {}
+        extra = {"caption_method": {"choices": CAPTION_METHODS},
+                 "decoding": {"choices": IMAGE_DECODINGS}}.get(field, {})
         group.add_argument(flag, dest=field, type=kind, default=None, help=text, **extra)
 
 

@@ -3,13 +3,17 @@ the exported Paddle Inference programs (ppvilg_deploy.predictor.DeployPipeline) 
 gives the same image codes and greedy decoding the same captions in both.
 
 - text->image: temperature / top-k / top-p sampling, N candidates per prompt, classifier-free guidance
-  (logits = uncond + scale * (cond - uncond); the unconditional text is [SEP] alone);
+  (logits = uncond + scale * (cond - uncond); the unconditional text is [SEP] alone); one code per forward
+  (`decoding="sequential"`) or speculative Jacobi decoding (`decoding="sjd"`, Teng et al., ICLR 2025): a
+  window of draft codes refined in parallel, several accepted per forward, the output distribution unchanged;
 - image->text and VQA: greedy, sampling, or beam search with a length penalty, stopping at [SEP].
 
 A backend mixes in `Decoding`, sets `self.seq` (a ppvilg_deploy.sequences.SequenceBuilder: the tokenizer and
 the sequence assembly) and provides `make_decoder(direction, ids, valid)` (direction: "t2i", "i2t" or "vqa")
 returning an object with `ids` (int64 [B, S], filled in by the algorithms), `t0` (first target slot),
-`logits_at(slot)` (numpy [B, V]: the logits predicting the token after `slot`) and `reorder(rows)`.
+`logits_at(slot)` (numpy [B, V]: the logits predicting the token after `slot`) and `reorder(rows)`; for
+speculative Jacobi decoding the text->image decoder also has `logits_span(first, last)` (numpy [B, n, V]: the
+logits after each of the slots first .. last, from one forward).
 
 Every sampler and caption-decoding option is a field of one `SamplerSettings`; defaults come from the
 checkpoint's `Eval` section or the export's inference.yml (`SamplerSettings.from_mapping`), and a call changes
@@ -22,13 +26,15 @@ from typing import Optional
 import numpy as np
 
 CAPTION_METHODS = ("greedy", "beam", "sample")
+IMAGE_DECODINGS = ("sequential", "sjd")
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to decode. Text->image: `candidates` images per prompt sampled with `temperature` (0: always the
     most likely code), `top_k` (0: off), `top_p` (1: off), classifier-free guidance `cfg_scale` (1: off) and
-    `seed`. Image->text / VQA: `caption_method` (greedy, beam or sample, the latter with the sampling options
+    `seed`, decoded one code per forward (`decoding="sequential"`) or by speculative Jacobi decoding
+    (`decoding="sjd"`, `sjd_window` draft codes per forward; the same distribution). Image->text / VQA: `caption_method` (greedy, beam or sample, the latter with the sampling options
     above), `beam_size`, `length_penalty` (score = log-prob / length ** penalty) and `max_len` (None: the
     model's text length)."""
     candidates: int = 1
@@ -37,6 +43,8 @@ class SamplerSettings:
     top_p: float = 1.0
     cfg_scale: float = 1.0
     seed: int = 0
+    decoding: str = "sequential"
+    sjd_window: int = 16
     caption_method: str = "greedy"
     beam_size: int = 4
     length_penalty: float = 1.0
@@ -64,6 +72,10 @@ class SamplerSettings:
             bad("cfg_scale", "a number >= 0 (1: off)")
         if not is_int(self.seed):
             bad("seed", "an integer")
+        if self.decoding not in IMAGE_DECODINGS:
+            bad("decoding", f"one of {', '.join(IMAGE_DECODINGS)}")
+        if not is_int(self.sjd_window) or self.sjd_window < 1:
+            bad("sjd_window", "an integer >= 1")
         if self.caption_method not in CAPTION_METHODS:
             bad("caption_method", f"one of {', '.join(CAPTION_METHODS)}")
         if not is_int(self.beam_size) or self.beam_size < 1:
@@ -112,6 +124,11 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     return logp
 
 
+def _log(p):
+    with np.errstate(divide="ignore"):   # log(0) = -inf: a filtered-out token
+        return np.log(p)
+
+
 def sample_from(logp, rng):
     p = np.exp(logp)
     u = rng.random((p.shape[0], 1))
@@ -122,9 +139,10 @@ class Decoding:
     """Needs: self.seq (SequenceBuilder) and make_decoder()."""
 
     # ---- text -> image ----------------------------------------------------------------------------------
-    def sample_codes(self, texts, settings, truncate=False, **decoder_options):
+    def sample_codes(self, texts, settings, truncate=False, stats=None, **decoder_options):
         """-> int64 codes [len(texts), settings.candidates, grid, grid]. A text longer than the model's text
-        length is an error, or is cut (keeping [SEP]) with truncate=True."""
+        length is an error, or is cut (keeping [SEP]) with truncate=True. `stats` (a dict) receives the
+        number of model forwards and codes decoded."""
         seq, st = self.seq, settings
         n = seq.num_cells
         src, src_valid = seq.text(texts, truncate)
@@ -137,16 +155,84 @@ class Decoding:
         ids, valid, _ = seq.text_to_image((src, src_valid))
         dec = self.make_decoder("t2i", ids, valid, **decoder_options)
         rng = np.random.default_rng(st.seed)
+        if st.decoding == "sjd":
+            out, forwards = self._jacobi(dec, b, n, st, rng, guided)
+        else:
+            out, forwards = np.zeros([b, n], np.int64), n
+            for k in range(n):
+                logits = dec.logits_at(dec.t0 + k)
+                if guided:
+                    logits = logits[b:] + st.cfg_scale * (logits[:b] - logits[b:])
+                tok = sample_from(filter_logits(logits, st.temperature, st.top_k, st.top_p), rng)
+                out[:, k] = tok
+                if k + 1 < n:
+                    dec.ids[:, dec.t0 + k + 1] = np.concatenate([tok, tok]) if guided else tok
+        if stats is not None:
+            stats.update(forwards=forwards, codes=b * n, codes_per_forward=b * n / forwards / b)
+        return out.reshape([len(texts), st.candidates, seq.grid, seq.grid])
+
+    def _jacobi(self, dec, b, n, st, rng, guided):
+        """Speculative Jacobi decoding -> (codes [b, n], forwards). Each forward runs the slots of a window of
+        W codes after the shortest accepted prefix, each slot holding an accepted code or a draft; it gives the
+        distribution p of every window position given the codes before it. Per row, from its first
+        unaccepted position on, a draft x drawn from q is accepted with probability min(1, p(x) / q(x));
+        the first rejected one is replaced by a draw from max(0, p - q) (normalised) and the row stops
+        there: the accepted codes are distributed as sequential sampling's (speculative sampling's rule).
+        The positions after it get new drafts drawn from this forward's p (the Jacobi update), which becomes
+        their q; positions never drafted start from uniformly random codes (q uniform). A position without a
+        draft reached with its prefix accepted is sampled from p directly. Every forward accepts at least one
+        code of the rows at the shortest prefix, so there are at most n forwards; the decoder overwrites the
+        cache of rejected slots when it runs them again."""
+        v = self.seq.boi_id                       # image codes 0 .. v-1 ([BOI] is the extra last id)
+        window = max(1, min(st.sjd_window, n))
         out = np.zeros([b, n], np.int64)
-        for k in range(n):
-            logits = dec.logits_at(dec.t0 + k)
+        q = {}                                    # position -> [b, v] the distributions its drafts came from
+        acc = np.zeros(b, np.int64)               # accepted codes per row
+        drafted, forwards = 0, 0                  # positions < drafted hold a code (accepted or draft)
+        t0 = dec.t0
+        while acc.min() < n:
+            start = int(acc.min())
+            end = min(start + window, n)
+            for k in range(drafted, end - 1):     # new positions used as inputs: random drafts
+                out[:, k] = rng.integers(0, v, b)
+                q[k] = np.full([b, v], 1.0 / v)
+            drafted = max(drafted, end - 1)
+            for k in range(max(start - 1, 0), end - 1):   # the input of slot t0 + k + 1 is code k (the last
+                # accepted code start - 1 included: it may have replaced a rejected draft)
+                dec.ids[:, t0 + k + 1] = np.concatenate([out[:, k], out[:, k]]) if guided else out[:, k]
+            logits = dec.logits_span(t0 + start, t0 + end - 1)
+            forwards += 1
             if guided:
                 logits = logits[b:] + st.cfg_scale * (logits[:b] - logits[b:])
-            tok = sample_from(filter_logits(logits, st.temperature, st.top_k, st.top_p), rng)
-            out[:, k] = tok
-            if k + 1 < n:
-                dec.ids[:, dec.t0 + k + 1] = np.concatenate([tok, tok]) if guided else tok
-        return out.reshape([len(texts), st.candidates, seq.grid, seq.grid])
+            w = end - start
+            p = np.exp(filter_logits(logits.reshape([b * w, -1])[:, :v], st.temperature, st.top_k,
+                                     st.top_p)).reshape([b, w, v])
+            for r in range(b):
+                k = int(acc[r])
+                while k < end:
+                    pk = p[r, k - start]
+                    if k >= drafted:              # no draft here and the prefix is accepted: sample p
+                        out[r, k] = sample_from(_log(pk)[None], rng)[0]
+                        k += 1
+                        continue
+                    x, qk = out[r, k], q[k][r]
+                    if rng.random() * qk[x] < pk[x]:   # accept with probability min(1, p(x) / q(x))
+                        k += 1
+                        continue
+                    resid = np.maximum(pk - qk, 0.0)   # > 0 somewhere: x was rejected, so p(x) < q(x)
+                    out[r, k] = sample_from(_log(resid / resid.sum())[None], rng)[0]
+                    k += 1
+                    break
+                acc[r] = max(acc[r], k)
+                if k < end:                       # Jacobi update of the rest of the window
+                    rest = p[r, k - start:]
+                    out[r, k:end] = sample_from(_log(rest), rng)
+                    for j in range(k, end):
+                        q.setdefault(j, np.full([b, v], 1.0 / v))[r] = p[r, j - start]
+            drafted = max(drafted, end)
+            for j in [j for j in q if j < acc.min()]:
+                del q[j]
+        return out, forwards
 
     # ---- image -> text (and VQA) ------------------------------------------------------------------------
     def _text_decoder(self, codes, question, decoder_options):

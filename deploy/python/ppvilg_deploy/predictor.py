@@ -21,6 +21,9 @@ from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg_deploy.tokenizer import TextTokenizer
 
 
+FORMAT = "ppvilg-inference/2"   # written by ppvilg/export.py (2: step_image returns every slot's logits)
+
+
 class ExportError(RuntimeError):
     pass
 
@@ -82,6 +85,7 @@ class PredictorDecoder:
         self.pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
         self.t0 = sum(lengths[:-1])
         self.program = pipe.step_image if direction == "t2i" else pipe.step_text
+        self.all_slots = direction == "t2i"                             # step_image: logits of every slot
         self.static = pipe.masks[direction]                              # [P, S, S]
         self.ids = ids.copy()
         self.pad = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]   # [B, 1, 1, S]
@@ -90,14 +94,25 @@ class PredictorDecoder:
         self.names = [f"cache_{kv}_{i}" for i in range(m["num_layers"]) for kv in ("k", "v")]
         self.cache = [np.zeros(shape, np.float32) for _ in self.names]
 
-    def logits_at(self, slot):
-        start = 0 if slot == self.t0 else slot   # the prefill runs the source and the first target slot
-        sl = slice(start, slot + 1)
+    def _run(self, first, last):
+        start = 0 if first == self.t0 else first   # the prefill runs the source and the first target slot
+        sl = slice(start, last + 1)
         masks = self.static[:, None, None, sl, :] + self.pad[None]     # [P, B, 1, s, S]
         logits, *self.cache = self.program(
             ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
             start=np.array([start], np.int64), **dict(zip(self.names, self.cache)))
-        return logits.numpy()
+        return logits.numpy(), first - start
+
+    def logits_at(self, slot):
+        logits, _ = self._run(slot, slot)
+        return logits[:, -1] if self.all_slots else logits
+
+    def logits_span(self, first, last):
+        """Logits [B, n, V] after each of the slots first .. last from one step (text->image programs)."""
+        if not self.all_slots:
+            raise ValueError("the text step program returns its last slot's logits only")
+        logits, offset = self._run(first, last)
+        return logits[:, offset:]
 
     def reorder(self, rows):
         import paddle
@@ -114,8 +129,10 @@ class DeployPipeline(Decoding):
             raise ExportError(f"{folder}: no inference.yml (export a checkpoint with tools/export_model.py)")
         with open(path, encoding="utf-8") as f:
             self.info = yaml.safe_load(f)
-        if self.info.get("format") != "ppvilg-inference/1":
-            raise ExportError(f"{path}: unknown format {self.info.get('format')!r}")
+        if self.info.get("format") != FORMAT:
+            raise ExportError(f"{path}: format {self.info.get('format')!r}, this runtime reads {FORMAT!r}"
+                              + (" (export the checkpoint again with tools/export_model.py)"
+                                 if self.info.get("format") == "ppvilg-inference/1" else ""))
         m = self.info["model"]
         self.grid, self.image_size = m["grid"], self.info["image"]["size"]
         try:
