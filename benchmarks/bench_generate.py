@@ -1,12 +1,22 @@
-"""Text->image decoding speed: KV-cached vs uncached (whole sequence re-encoded every step), same run.
+"""Text->image decoding speed in the dynamic graph, measured side by side in one run.
 
-  python benchmarks/bench_generate.py [--threads 2] [--steps-uncached 16]
+  python benchmarks/bench_generate.py [--threads 2] [--steps-uncached 16] [--checkpoint output/demo/vilg]
+                                      [--no-roofline]
 
-Two model sizes with random weights (speed does not depend on training): the demo transformer on its 8x8 grid,
-and the same width on a 32x32 grid (1024 image tokens, the paper's grid). For each, batch 1 and 8: seconds per
-decode step, image tokens per second and seconds per image. The cached decoder runs every step of a full
-image; the uncached one, whose cost per step is the same at every step (it always encodes the whole masked
-sequence), is timed over --steps-uncached steps. The last line is one JSON object with all figures.
+1. KV-cached vs uncached (whole sequence re-encoded every step), random weights (speed does not depend on
+   training): the demo transformer on its 8x8 grid, and 4 layers x 256 hidden x 8 heads with 8192 codes on a
+   32x32 grid (1024 image tokens, the paper's grid); batch 1 and 8: seconds per decode step, image tokens
+   per second, seconds per image. The cached decoder runs every step of a full image; the uncached one,
+   whose cost per step is the same at every step, is timed over --steps-uncached steps.
+2. Speculative Jacobi decoding vs sequential sampling (top-k 50, temperature 1, batch 1, window 16): model
+   forwards per image, codes accepted per forward, wall time, on the 32x32 model above; with --checkpoint also
+   on that trained model over 64 dev prompts of the shapes demo (its Eval sampler), where the codes are
+   meaningful.
+3. A roofline line at the base_300m preset (random weights): ms per cached decode step at batch 1 and 8
+   against the time to read the weights a step touches (every block, the final LN, the image head and the
+   image embedding rows; not the text tables) once at the memory bandwidth measured in the same run (a numpy
+   copy of 1 GiB: read + write bytes / time), and image tokens/s per batch size.
+The last line is one JSON object with all figures.
 """
 import argparse
 import json
@@ -20,9 +30,13 @@ from ppvilg.utils.runtime import setup_device  # noqa: E402
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from ppvilg.generation import DygraphDecoder  # noqa: E402
+from ppvilg.generation import DygraphDecoder, Generator  # noqa: E402
 from ppvilg.models.layout import text_to_image  # noqa: E402
 from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
+from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
+from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
+
+WIDE_32 = dict(num_layers=4, hidden_size=256, num_heads=8, max_text_len=24, num_codes=8192, grid=32)
 
 
 def time_steps(model, layout, batch, steps, use_cache):
@@ -38,21 +52,70 @@ def time_steps(model, layout, batch, steps, use_cache):
     return (time.perf_counter() - t) / (steps - 1)
 
 
+def compare_sjd(gen, texts, sampler, window):
+    """Sequential vs speculative Jacobi decoding of the same prompts: seconds, forwards, codes per forward."""
+    out = {}
+    for mode in ("sequential", "sjd"):
+        stats = {}
+        t = time.perf_counter()
+        codes = gen.sample_codes(texts, sampler.replace(decoding=mode, sjd_window=window), truncate=True,
+                                 stats=stats)
+        out[mode] = {"seconds": time.perf_counter() - t, "forwards": stats["forwards"],
+                     "codes_per_forward": stats["codes_per_forward"], "codes": codes}
+    return out
+
+
+def memory_bandwidth(nbytes=1 << 30, repeats=3):
+    """Bytes moved per second by a numpy copy (read + write) of nbytes, best of `repeats`."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(repeats))
+    return 2 * nbytes / best
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def roofline(steps=12):
+    cfg = ViLGConfig(**ViLGConfig.PRESETS["base_300m"])
+    model = ViLG(cfg)
+    model.eval()
+    touched = sum(p.size for n, p in model.named_parameters() if not n.startswith("text_"))
+    touched -= (cfg.num_codes + 1 - 1) * cfg.hidden_size   # one row of the image table per step, not all
+    bw = memory_bandwidth()
+    bound = touched * 4 / bw
+    layout = text_to_image(cfg.max_text_len, cfg.grid)
+    out = {"parameters": sum(p.size for p in model.parameters()), "bytes_touched_per_step": touched * 4,
+           "bandwidth_gb_s": bw / 1e9, "bound_ms_per_step": bound * 1e3}
+    for batch in (1, 8):
+        s = time_steps(model, layout, batch, steps, True)
+        out[f"b{batch}"] = {"ms_per_step": s * 1e3, "tokens_per_s": batch / s, "of_bound": bound / s}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps-uncached", type=int, default=16)
+    p.add_argument("--window", type=int, default=16, help="speculative Jacobi decoding: drafts per forward")
+    p.add_argument("--checkpoint", default=None, help="a trained shapes-demo checkpoint for SJD on real codes")
+    p.add_argument("--no-roofline", action="store_true", help="skip the base_300m roofline line")
     a = p.parse_args()
     setup_device("cpu", a.threads)
     paddle.seed(0)
     results = {}
+    summary = {"threads": a.threads, "results": results}
     with paddle.no_grad():
-        for name, grid in (("8x8", 8), ("32x32", 32)):
-            cfg = ViLGConfig(**dict(ViLGConfig.PRESETS["shapes"], grid=grid))
+        wide = None
+        for name, cfg in (("8x8", ViLGConfig(**ViLGConfig.PRESETS["shapes"])), ("32x32", ViLGConfig(**WIDE_32))):
             model = ViLG(cfg)
             model.eval()
-            layout = text_to_image(cfg.max_text_len, grid)
-            n = grid * grid
+            wide = model
+            layout = text_to_image(cfg.max_text_len, cfg.grid)
+            n = cfg.grid * cfg.grid
             for batch in (1, 8):
                 cached = time_steps(model, layout, batch, n, True)
                 uncached = time_steps(model, layout, batch, min(a.steps_uncached, n), False)
@@ -64,11 +127,47 @@ def main():
                 r = results[key]
                 print(f"{key:10s} cached {r['cached_tokens_per_s']:9.1f} tok/s {r['cached_s_per_image']:8.3f} s/image"
                       f" | uncached {r['uncached_tokens_per_s']:8.1f} tok/s {r['uncached_s_per_image']:8.2f} s/image"
-                      f" | speed-up x{r['speedup']:.1f}")
-    summary = {"threads": a.threads, "results": results,
-               "cache_speedup_8x8": results["8x8_b1"]["speedup"],
-               "cache_speedup_32x32": results["32x32_b1"]["speedup"],
-               "cache_speedup_32x32_b8": results["32x32_b8"]["speedup"]}
+                      f" | speed-up x{r['speedup']:.1f}", flush=True)
+        summary.update({"cache_speedup_8x8": results["8x8_b1"]["speedup"],
+                        "cache_speedup_32x32": results["32x32_b1"]["speedup"],
+                        "cache_speedup_32x32_b8": results["32x32_b8"]["speedup"],
+                        "dygraph_tokens_per_s_32x32_b1": results["32x32_b1"]["cached_tokens_per_s"],
+                        "dygraph_tokens_per_s_32x32_b8": results["32x32_b8"]["cached_tokens_per_s"]})
+
+        gen = Generator(wide, TextTokenizer())
+        r = compare_sjd(gen, ["左上角有一个小红色圆形"], SamplerSettings(top_k=50, temperature=1.0), a.window)
+        seq, sjd = r["sequential"], r["sjd"]
+        summary["sjd_32x32_random"] = {k: {f: v[f] for f in ("seconds", "forwards", "codes_per_forward")}
+                                       for k, v in r.items()}
+        summary["sjd_pass_ratio"] = seq["forwards"] / sjd["forwards"]
+        summary["sjd_wall_speedup"] = seq["seconds"] / sjd["seconds"]
+        print(f"SJD 32x32 random weights, window {a.window}: {sjd['forwards']} forwards vs {seq['forwards']} "
+              f"(x{summary['sjd_pass_ratio']:.2f} fewer, {sjd['codes_per_forward']:.2f} codes/forward), "
+              f"{sjd['seconds']:.1f} s vs {seq['seconds']:.1f} s (x{summary['sjd_wall_speedup']:.2f})", flush=True)
+
+        if a.checkpoint:
+            from ppvilg.data.shapes import ShapesPairs
+            from ppvilg.inference import ViLGInference
+            vilg = ViLGInference.from_checkpoint(a.checkpoint)
+            data = ShapesPairs("dev", 64, vilg.image_size)
+            texts = [data.item(i)["text"] for i in range(len(data))]
+            r = compare_sjd(vilg.gen, texts, vilg.sampler, a.window)
+            seq, sjd = r["sequential"], r["sjd"]
+            summary["sjd_demo"] = {k: {f: v[f] for f in ("seconds", "forwards", "codes_per_forward")}
+                                   for k, v in r.items()}
+            summary["sjd_demo"]["sampler"] = vilg.sampler.to_dict()
+            print(f"SJD demo checkpoint (8x8, 64 dev prompts x {vilg.sampler.candidates} candidates, batch "
+                  f"together): {sjd['forwards']} forwards vs {seq['forwards']}, {sjd['seconds']:.1f} s vs "
+                  f"{seq['seconds']:.1f} s", flush=True)
+
+        if not a.no_roofline:
+            r = summary["roofline_base_300m"] = roofline()
+            summary["roofline_fraction_b1"] = r["b1"]["of_bound"]
+            print(f"roofline base_300m ({r['parameters'] / 1e6:.0f}M parameters, "
+                  f"{r['bytes_touched_per_step'] / 1e9:.2f} GB read per step at {r['bandwidth_gb_s']:.1f} GB/s "
+                  f"= {r['bound_ms_per_step']:.0f} ms): batch 1 {r['b1']['ms_per_step']:.0f} ms/step "
+                  f"({100 * r['b1']['of_bound']:.0f}% of the bound), batch 8 {r['b8']['ms_per_step']:.0f} ms/step "
+                  f"({r['b8']['tokens_per_s'] / r['b1']['tokens_per_s']:.1f}x the tokens/s)", flush=True)
     print(json.dumps(summary))
 
 

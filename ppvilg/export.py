@@ -10,8 +10,8 @@ The folder holds everything deploy/python needs and nothing else:
     vocab.txt                          the text vocabulary
     inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
 
-A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks [P, B, 1, s, S] (this step's
-rows of each mask pattern, key padding added), start [1] (the first slot of this step) and the KV cache as
+A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks [P, B, 1, s, K] (this step's
+rows of each mask pattern over the first K = start + s slots, the keys it attends; key padding added), start [1] (the first slot of this step) and the KV cache as
 cache_k_0, cache_v_0, ... [B, H, S, Dh] per layer, and returns logits and the updated cache (same order):
 step_image the logits of every slot of the step [B, s, V] (speculative Jacobi decoding verifies a window of
 drafts in one step), step_text those of its last slot [B, V] (a text prefill runs ~n image slots, whose

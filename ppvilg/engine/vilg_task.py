@@ -22,7 +22,7 @@ from ppvilg.engine.task_interface import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
 from ppvilg.models.layout import direction_layouts
 from ppvilg.models.reconstructor import E2EReconstructor
-from ppvilg.models.vilg import ViLG, parallel_layout_errors
+from ppvilg.models.vilg import ATTENTION_KERNELS, ViLG, parallel_layout_errors
 from ppvilg.models.vilg_pp import build_pipeline, to_model_names, to_pipeline_names
 from ppvilg.registry import TASKS, model_config
 from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
@@ -109,6 +109,9 @@ class ViLGTask(Task):
                               + (f" ({hint})" if hint else ""))
         if cfg.Model.attention not in ("dense", "sparse"):
             raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
+        if cfg.Model.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(f"{origin}: Model.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
+                              f"got {cfg.Model.attention_kernel!r}")
         if cfg.Model.hidden_size % cfg.Model.num_heads:
             raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
         if not 0.0 <= cfg.Loss.cond_dropout < 1.0:

@@ -42,6 +42,8 @@ class ViLGConfig:
     num_codes: int = 256             # image vocabulary = the VQ tokenizer's codebook
     grid: int = 8                    # image codes per side (image_size / downsampling factor)
     attention: str = "dense"         # dense | sparse (DALL-E row / column / conv patterns over image slots)
+    attention_kernel: str = "matmul"  # matmul | sdpa (F.scaled_dot_product_attention: flash / memory-efficient
+                                      # kernels on GPU; the same masks, the same result within rounding)
     tie_text_head: bool = False      # share the text embedding with the text output head
 
     PRESETS = {
@@ -127,16 +129,27 @@ def parallel_layout_errors(c, mp=1, pp=1):
     return errors
 
 
+ATTENTION_KERNELS = ("matmul", "sdpa")
+
+
 class Attention(nn.Layer):
-    def __init__(self, d, heads, dropout, mp=1, recompute="none"):
+    def __init__(self, d, heads, dropout, mp=1, recompute="none", kernel="matmul"):
         super().__init__()
         self.heads, self.head_dim = heads // mp, d // heads   # this rank's heads
         self.q, self.k, self.v = (_linear(d, d, "col", mp) for _ in range(3))
         self.proj = _linear(d, d, "row", mp)
         self.dropout = dropout
         self.recompute_scores = recompute == "core_attn"
+        self.kernel = kernel
 
     def _scores(self, q, k, v, mask):
+        """q, k, v [B, H, s, Dh] / [B, H, S_keys, Dh]; mask additive [B, 1, s, S_keys] -> [B, H, s, Dh]."""
+        if self.kernel == "sdpa":   # paddle's fused attention takes [B, S, H, Dh]
+            t = [0, 2, 1, 3]
+            out = F.scaled_dot_product_attention(q.transpose(t), k.transpose(t), v.transpose(t),
+                                                 attn_mask=mask.astype(q.dtype), dropout_p=self.dropout,
+                                                 training=self.training)
+            return out.transpose(t)
         att = paddle.matmul(q, k, transpose_y=True) / math.sqrt(self.head_dim) + mask
         if att.dtype == paddle.float32:  # (no casts in float32: they are ops of their own in exported programs)
             att = F.softmax(att, axis=-1)
@@ -173,12 +186,14 @@ class Attention(nn.Layer):
     def step_functional(self, x, mask, cache_k, cache_v, start):
         """The cached step as a pure function (exported programs): start is an int64 tensor [1]; the cache
         [B, H, S_max, Dh] is not modified, the updated one is returned: (out, new_k, new_v); the slots'
-        keys and values are written with put_along_axis (only those slots, exact)."""
+        keys and values are written with put_along_axis (only those slots, exact). Attention runs over the
+        first S_keys slots, S_keys being the mask's key length (the filled prefix)."""
         q, k, v = self._qkv(x)
         index = paddle.expand_as((start + paddle.arange(paddle.shape(x)[1], dtype="int64")).reshape([1, 1, -1, 1]), k)
         new_k = paddle.put_along_axis(cache_k, index, k, axis=2, reduce="assign")
         new_v = paddle.put_along_axis(cache_v, index, v, axis=2, reduce="assign")
-        return self._out(self._scores(q, new_k, new_v, mask)), new_k, new_v
+        keys = paddle.shape(mask)[-1]
+        return self._out(self._scores(q, new_k[:, :, :keys], new_v[:, :, :keys], mask)), new_k, new_v
 
 
 class Block(nn.Layer):
@@ -186,7 +201,7 @@ class Block(nn.Layer):
         super().__init__()
         d = c.hidden_size
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, c.num_heads, c.dropout, mp, recompute)
+        self.attn = Attention(d, c.num_heads, c.dropout, mp, recompute, c.attention_kernel)
         self.mlp = nn.Sequential(_linear(d, d * c.ffn_mult, "col", mp), nn.GELU(),
                                  _linear(d * c.ffn_mult, d, "row", mp), nn.Dropout(c.dropout))
         self.recompute_block = recompute == "full"

@@ -97,7 +97,8 @@ class PredictorDecoder:
     def _run(self, first, last):
         start = 0 if first == self.t0 else first   # the prefill runs the source and the first target slot
         sl = slice(start, last + 1)
-        masks = self.static[:, None, None, sl, :] + self.pad[None]     # [P, B, 1, s, S]
+        # [P, B, 1, s, last + 1]: the keys of the filled prefix (the program attends over these only)
+        masks = self.static[:, None, None, sl, :last + 1] + self.pad[None, :, :, :, :last + 1]
         logits, *self.cache = self.program(
             ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
             start=np.array([start], np.int64), **dict(zip(self.names, self.cache)))
