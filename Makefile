@@ -6,7 +6,7 @@ else
 PYTHON ?= .venv/bin/python
 endif
 
-.PHONY: install fid-weights demo test clean-demo
+.PHONY: install fid-weights demo test gpu-check clean-demo
 
 install:
 	@if [ "$(PYTHON)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv --system-site-packages .venv; fi
@@ -21,6 +21,14 @@ demo: install
 test: install
 	@$(PYTHON) tools/get_fid_weights.py || echo "make test: the FID Inception weights could not be fetched (see above); the FID tests will be SKIPPED"
 	$(PYTHON) -m pytest -q -rs tests
+
+# one GPU, < 8 minutes: AMP, fused attention and fp16 predictors against fp32 (tests/test_gpu.py), the 2-GPU
+# layouts where there are 2 GPUs, and decode speed at base_300m; without a GPU every part says it is skipped
+gpu-check: install
+	$(PYTHON) -m pytest -q -rs -s tests/test_gpu.py "tests/test_distributed.py::test_gpu_only_layouts_run_and_track_one_process"
+	@if $(PYTHON) -c "import paddle, sys; sys.exit(0 if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else 1)"; then \
+		$(PYTHON) benchmarks/bench_generate.py --device gpu --roofline-batches 1 8 32; \
+	else echo "gpu-check: no CUDA GPU here: the decode benchmark at base_300m on GPU is SKIPPED"; fi
 
 clean-demo:
 	rm -rf output/demo
