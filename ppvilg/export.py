@@ -6,6 +6,7 @@ The folder holds everything deploy/python needs and nothing else:
     vq_decoder/...                     codes [B, h, w] -> image [B, 3, H, W] in [-1, 1]
     step_image/...                     one cached step of the transformer, image head (text->image)
     step_text/...                      the same step, text head (image->text, VQA)
+    sample_image/...                   step_image and the sampler in one program: returns the sampled codes
     masks.npz                          additive attention masks [patterns, S, S] per direction (no padding)
     vocab.txt                          the text vocabulary
     inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
@@ -53,6 +54,44 @@ class StepProgram(paddle.nn.Layer):
         else:
             logits = self.m.head(x[:, -1:], self.target_kind)[:, 0]
         return [logits if logits.dtype == paddle.float32 else logits.astype("float32")] + new
+
+
+def sample_in_graph(logits, uniform, temperature, top_k, top_p, cfg_scale):
+    """The text->image sampler inside a program: ppvilg_deploy.decoding's guidance mix, filter_logits and
+    sample_from, step for step in the same precision (the mix in float32, the rest in float64), so that the
+    uniform numbers the host draws give the codes the numpy path gives. logits [R, V] float32 (R = b, or 2b with
+    guidance: the conditional rows first); uniform [b, 1] float64; temperature [1] float64 (> 0); top_k [1]
+    int64 in 1 .. V (V: off); top_p [1] float64 (>= 1: off); cfg_scale [1] float32 (1: off) -> codes [b]."""
+    b = paddle.shape(uniform)[0]
+    rows = paddle.shape(logits)[0]
+    cond, uncond = logits[:b], logits[rows - b:]          # without guidance both are the b rows
+    x = (uncond + cfg_scale * (cond - uncond)).astype("float64") / temperature
+    kth = paddle.topk(x, k=top_k)[0][:, -1:]
+    x = paddle.where(x < kth, paddle.full_like(x, float("-inf")), x)
+    x = x - x.max(-1, keepdim=True)
+    logp = x - paddle.log(paddle.exp(x).sum(-1, keepdim=True))
+    order = paddle.argsort(-logp, axis=-1)
+    sorted_p = paddle.exp(paddle.take_along_axis(logp, order, -1))
+    keep_sorted = (paddle.cumsum(sorted_p, -1) - sorted_p < top_p).astype("float64")
+    keep = paddle.put_along_axis(paddle.zeros_like(keep_sorted), order, keep_sorted, -1) > 0
+    nucleus = paddle.where(keep, logp, paddle.full_like(logp, float("-inf")))
+    nucleus = nucleus - paddle.log(paddle.exp(nucleus).sum(-1, keepdim=True))
+    logp = paddle.where(top_p < 1.0, nucleus, logp)
+    p = paddle.exp(logp)
+    below = (paddle.cumsum(p, -1) < uniform * p.sum(-1, keepdim=True)).astype("int64").sum(-1)
+    return paddle.minimum(below, paddle.full_like(below, paddle.shape(p)[1] - 1))
+
+
+class SampleStepProgram(StepProgram):
+    """step_image followed by the sampler (sample_in_graph): returns the sampled codes [b] instead of logits,
+    so a decode step hands the host b integers, not b x V floats."""
+
+    def __init__(self, model):
+        super().__init__(model, IMAGE_TGT)
+
+    def forward(self, ids, kind, pos, masks, start, uniform, temperature, top_k, top_p, cfg_scale, cache):
+        logits, *new = super().forward(ids, kind, pos, masks, start, cache)
+        return [sample_in_graph(logits[:, -1], uniform, temperature, top_k, top_p, cfg_scale)] + new
 
 
 class _Method(paddle.nn.Layer):
@@ -107,6 +146,10 @@ def export(vilg, cfg, out):
         _save(_Method(vq, "decode_codes"), [spec([None, c.grid, c.grid], "int64", "codes")], os.path.join(tmp, "vq_decoder", "model"))
         _save(StepProgram(model, IMAGE_TGT), step_specs, os.path.join(tmp, "step_image", "model"))
         _save(StepProgram(model, TEXT_TGT), step_specs, os.path.join(tmp, "step_text", "model"))
+        sample_specs = step_specs[:5] + [spec([None, 1], "float64", "uniform"), spec([1], "float64", "temperature"),
+                                         spec([1], "int64", "top_k"), spec([1], "float64", "top_p"),
+                                         spec([1], "float32", "cfg_scale"), step_specs[5]]
+        _save(SampleStepProgram(model), sample_specs, os.path.join(tmp, "sample_image", "model"))
         np.savez(os.path.join(tmp, "masks.npz"), **static_masks(c))
         shutil.copy(tok.vocab_file, os.path.join(tmp, "vocab.txt"))
         ev = cfg.Eval
@@ -124,7 +167,8 @@ def export(vilg, cfg, out):
                           "eos_id": tok.eos_id, "vocab_size": tok.vocab_size},
             "image": {"size": size, "preprocess": "resize short side (area / cubic) + center crop, RGB, x/127.5-1"},
             "sampler": SamplerSettings.from_mapping(ev).to_dict(),
-            "programs": {k: f"{k}/model" for k in ("vq_encoder", "vq_decoder", "step_image", "step_text")},
+            "programs": {k: f"{k}/model" for k in ("vq_encoder", "vq_decoder", "step_image", "step_text",
+                                                    "sample_image")},
             # an end-to-end checkpoint's reconstructor needs the generator's hidden states of the whole
             # sequence, which the step programs do not return: deployment decodes codes with the VQ decoder
             "reconstructor": "vq_decoder",

@@ -33,8 +33,8 @@ def exported(run_dirs, tmp_path_factory):
 
 def test_the_folder_is_self_contained(exported):
     _, dep, out = exported
-    assert sorted(os.listdir(out)) == ["inference.yml", "masks.npz", "step_image", "step_text", "vocab.txt",
-                                       "vq_decoder", "vq_encoder"]
+    assert sorted(os.listdir(out)) == ["inference.yml", "masks.npz", "sample_image", "step_image", "step_text",
+                                       "vocab.txt", "vq_decoder", "vq_encoder"]
     assert dep.sampler.top_k == 5
     with pytest.raises(ExportError, match="inference.yml"):
         DeployPipeline(str(out / "step_text"))
@@ -108,3 +108,28 @@ assert not [m for m in sys.modules if m == 'ppvilg' or m.startswith('ppvilg.')],
 print('ok')
 """], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert probe.returncode == 0 and probe.stdout.strip() == "ok", probe.stderr[-2000:]
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=8, cfg_scale=1.5),
+                                      dict(temperature=1.3, top_p=0.6), dict(top_k=3, top_p=0.5, cfg_scale=3.0),
+                                      dict(temperature=0.0)])
+def test_sampling_inside_the_program_draws_what_the_numpy_sampler_draws(settings):
+    """sample_in_graph (the exported sample_image program's sampler) against ppvilg_deploy.decoding's numpy
+    filter_logits + sample_from, given the same uniform numbers: the same codes, row for row."""
+    import paddle
+    from ppvilg.export import sample_in_graph
+    from ppvilg_deploy.decoding import filter_logits, sample_from
+    st = SamplerSettings(**settings)
+    rng = np.random.default_rng(0)
+    b, v = 64, 50
+    logits = (rng.standard_normal([2 * b if st.cfg_scale != 1 else b, v]) * 3).astype(np.float32)
+    mixed = logits[b:] + st.cfg_scale * (logits[:b] - logits[b:]) if st.cfg_scale != 1 else logits
+    want = sample_from(filter_logits(mixed, st.temperature, st.top_k, st.top_p), np.random.default_rng(1))
+    uniform = np.random.default_rng(1).random((b, 1))
+    got = sample_in_graph(paddle.to_tensor(logits), paddle.to_tensor(uniform),
+                          paddle.to_tensor([max(st.temperature, 1e-6)], "float64"),
+                          paddle.to_tensor([st.top_k if 0 < st.top_k < v else v], "int64"),
+                          paddle.to_tensor([st.top_p if st.top_p < 1 else 2.0], "float64"),
+                          paddle.to_tensor([st.cfg_scale], "float32")).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert len(set(got.tolist())) > (1 if st.temperature > 0 and st.top_k != 1 else 0)

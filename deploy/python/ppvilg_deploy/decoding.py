@@ -11,7 +11,9 @@ gives the same image codes and greedy decoding the same captions in both.
 A backend mixes in `Decoding`, sets `self.seq` (a ppvilg_deploy.sequences.SequenceBuilder: the tokenizer and
 the sequence assembly) and provides `make_decoder(direction, ids, valid)` (direction: "t2i", "i2t" or "vqa")
 returning an object with `ids` (int64 [B, S], filled in by the algorithms), `t0` (first target slot),
-`logits_at(slot)` (numpy [B, V]: the logits predicting the token after `slot`) and `reorder(rows)`; for
+`logits_at(slot)` (numpy [B, V]: the logits predicting the token after `slot`) and `reorder(rows)`; a
+text->image decoder may also sample inside its program, `sample_at(slot, uniform, settings, rows)` -> codes
+(the exported predictor does; the uniform numbers are drawn here, so seeds give the same codes); for
 speculative Jacobi decoding the text->image decoder also has `logits_span(first, last)` (numpy [B, n, V]: the
 logits after each of the slots first .. last, from one forward).
 
@@ -159,11 +161,15 @@ class Decoding:
             out, forwards = self._jacobi(dec, b, n, st, rng, guided)
         else:
             out, forwards = np.zeros([b, n], np.int64), n
+            in_program = getattr(dec, "sample_at", None)   # a backend that samples inside its step program
             for k in range(n):
-                logits = dec.logits_at(dec.t0 + k)
-                if guided:
-                    logits = logits[b:] + st.cfg_scale * (logits[:b] - logits[b:])
-                tok = sample_from(filter_logits(logits, st.temperature, st.top_k, st.top_p), rng)
+                if in_program is not None:   # the same uniform draws as sample_from's
+                    tok = in_program(dec.t0 + k, rng.random((b, 1)), st, b)
+                else:
+                    logits = dec.logits_at(dec.t0 + k)
+                    if guided:
+                        logits = logits[b:] + st.cfg_scale * (logits[:b] - logits[b:])
+                    tok = sample_from(filter_logits(logits, st.temperature, st.top_k, st.top_p), rng)
                 out[:, k] = tok
                 if k + 1 < n:
                     dec.ids[:, dec.t0 + k + 1] = np.concatenate([tok, tok]) if guided else tok

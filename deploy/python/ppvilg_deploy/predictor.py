@@ -86,6 +86,9 @@ class PredictorDecoder:
         self.t0 = sum(lengths[:-1])
         self.program = pipe.step_image if direction == "t2i" else pipe.step_text
         self.all_slots = direction == "t2i"                             # step_image: logits of every slot
+        self.pipe = pipe
+        if direction != "t2i":
+            self.sample_at = None                                       # sampling in the program: images only
         self.static = pipe.masks[direction]                              # [P, S, S]
         self.ids = ids.copy()
         self.pad = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]   # [B, 1, 1, S]
@@ -107,6 +110,24 @@ class PredictorDecoder:
     def logits_at(self, slot):
         logits, _ = self._run(slot, slot)
         return logits[:, -1] if self.all_slots else logits
+
+    def sample_at(self, slot, uniform, settings, rows):
+        """Text->image: run `slot` and sample the next code of the `rows` prompts inside the program
+        (guidance, temperature, top-k, top-p; `uniform` [rows, 1]: the host generator's draws, as sample_from
+        draws them) -> codes [rows]."""
+        start = 0 if slot == self.t0 else slot
+        sl = slice(start, slot + 1)
+        masks = self.static[:, None, None, sl, :slot + 1] + self.pad[None, :, :, :, :slot + 1]
+        v = self.pipe.info["model"]["num_codes"]
+        st = settings
+        codes, *self.cache = self.pipe.sample_image(
+            ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
+            start=np.array([start], np.int64), uniform=np.asarray(uniform, np.float64),
+            temperature=np.array([max(st.temperature, 1e-6)], np.float64),
+            top_k=np.array([st.top_k if 0 < st.top_k < v else v], np.int64),
+            top_p=np.array([st.top_p if st.top_p < 1.0 else 2.0], np.float64),
+            cfg_scale=np.array([st.cfg_scale], np.float32), **dict(zip(self.names, self.cache)))
+        return codes.numpy()
 
     def logits_span(self, first, last):
         """Logits [B, n, V] after each of the slots first .. last from one step (text->image programs)."""
@@ -151,6 +172,7 @@ class DeployPipeline(Decoding):
         self.vq_decoder = Program(os.path.join(folder, progs["vq_decoder"]), **opts)
         self.step_image = Program(os.path.join(folder, progs["step_image"]), **opts)
         self.step_text = Program(os.path.join(folder, progs["step_text"]), **opts)
+        self.sample_image = Program(os.path.join(folder, progs["sample_image"]), **opts)
 
     def make_decoder(self, direction, ids, valid):
         return PredictorDecoder(self, direction, ids, valid)
