@@ -11,14 +11,15 @@ The folder holds everything deploy/python needs and nothing else:
     vocab.txt                          the text vocabulary
     inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
 
-A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks [P, B, 1, s, K] (this step's
-rows of each mask pattern over the first K = start + s slots, the keys it attends; key padding added), start [1] (the first slot of this step) and the KV cache as
-cache_k_0, cache_v_0, ... [B, H, S, Dh] per layer, and returns logits and the updated cache (same order):
-step_image the logits of every slot of the step [B, s, V] (speculative Jacobi decoding verifies a window of
-drafts in one step), step_text those of its last slot [B, V] (a text prefill runs ~n image slots, whose
-vocabulary-wide logits nobody reads). The prefill runs the source
-and the first target slot as one step from an empty cache; every later token is a step of one slot. The same
-ViLG code runs (Block.step_functional); only the cache write is a pure function instead of in-place.
+A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks_cache [P, B, 1, s, S] (this
+step's rows of each mask pattern over the cache, slots not filled before the step hidden, key padding added),
+masks_new [P, B, 1, s, s] (the same rows over the step's own slots) and the KV cache as cache_k_0, cache_v_0, ...
+[B, H, S, Dh] per layer, read only; it returns logits and the keys and values of the step's slots,
+new_k_0, new_v_0, ... [B, H, s, Dh], which the runtime writes into its cache in place (ppvilg_deploy/predictor.py):
+no program copies the cache. step_image returns the logits of every slot of the step [B, s, V] (speculative
+Jacobi decoding verifies a window of drafts in one step), step_text those of its last slot [B, V] (a text
+prefill runs ~n image slots, whose vocabulary-wide logits nobody reads). The prefill runs the source and the
+first target slot as one step over an empty cache. The same ViLG code runs (Block.step_split).
 """
 import os
 import shutil
@@ -42,12 +43,13 @@ class StepProgram(paddle.nn.Layer):
         self.pattern_index = [patterns.index(layer_pattern(i, c.num_layers, c.attention))
                               for i in range(c.num_layers)]
 
-    def forward(self, ids, kind, pos, masks, start, cache):
+    def forward(self, ids, kind, pos, masks_cache, masks_new, cache):
         """cache: [k_0, v_0, k_1, v_1, ...] (one pair per layer: no stacking or slicing copies per step)."""
         x = self.m.embed(ids, kind, pos)
         new = []
         for i, block in enumerate(self.m.blocks):
-            x, k, v = block.step_functional(x, masks[self.pattern_index[i]], cache[2 * i], cache[2 * i + 1], start)
+            p = self.pattern_index[i]
+            x, k, v = block.step_split(x, masks_cache[p], masks_new[p], cache[2 * i], cache[2 * i + 1])
             new += [k, v]
         if self.target_kind == IMAGE_TGT:
             logits = self.m.head(x, self.target_kind)
@@ -89,8 +91,8 @@ class SampleStepProgram(StepProgram):
     def __init__(self, model):
         super().__init__(model, IMAGE_TGT)
 
-    def forward(self, ids, kind, pos, masks, start, uniform, temperature, top_k, top_p, cfg_scale, cache):
-        logits, *new = super().forward(ids, kind, pos, masks, start, cache)
+    def forward(self, ids, kind, pos, masks_cache, masks_new, uniform, temperature, top_k, top_p, cfg_scale, cache):
+        logits, *new = super().forward(ids, kind, pos, masks_cache, masks_new, cache)
         return [sample_in_graph(logits[:, -1], uniform, temperature, top_k, top_p, cfg_scale)] + new
 
 
@@ -136,9 +138,10 @@ def export(vilg, cfg, out):
     heads, head_dim = model.blocks[0].attn.heads, c.hidden_size // c.num_heads
     size = vilg.image_size
     spec = paddle.static.InputSpec
+    npat = len(pattern_names(c))
     step_specs = [spec([None, None], "int64", "ids"), spec([None], "int64", "kind"), spec([None], "int64", "pos"),
-                  spec([len(pattern_names(c)), None, 1, None, None], "float32", "masks"),
-                  spec([1], "int64", "start")]
+                  spec([npat, None, 1, None, None], "float32", "masks_cache"),
+                  spec([npat, None, 1, None, None], "float32", "masks_new")]
     step_specs.append([spec([None, heads, None, head_dim], "float32", f"cache_{kv}_{i}")
                        for i in range(c.num_layers) for kv in ("k", "v")])
     with AtomicDir(out) as tmp:

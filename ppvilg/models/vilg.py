@@ -183,17 +183,21 @@ class Attention(nn.Layer):
             return self._out(recompute(self._scores, q, k, v, mask))
         return self._out(self._scores(q, k, v, mask))
 
-    def step_functional(self, x, mask, cache_k, cache_v, start):
-        """The cached step as a pure function (exported programs): start is an int64 tensor [1]; the cache
-        [B, H, S_max, Dh] is not modified, the updated one is returned: (out, new_k, new_v); the slots'
-        keys and values are written with put_along_axis (only those slots, exact). Attention runs over the
-        first S_keys slots, S_keys being the mask's key length (the filled prefix)."""
+    def step_split(self, x, mask_cache, mask_new, cache_k, cache_v):
+        """The cached step of exported programs, which never write the cache: attention runs over the cache
+        (mask_cache [B, 1, s, S]: only slots filled before this step are visible) and over these slots' own keys
+        (mask_new [B, 1, s, s]) under one softmax; these slots' keys and values are returned, (out, k, v)
+        [B, H, s, Dh], for the caller to store in its cache in place (no copy of the cache per step)."""
         q, k, v = self._qkv(x)
-        index = paddle.expand_as((start + paddle.arange(paddle.shape(x)[1], dtype="int64")).reshape([1, 1, -1, 1]), k)
-        new_k = paddle.put_along_axis(cache_k, index, k, axis=2, reduce="assign")
-        new_v = paddle.put_along_axis(cache_v, index, v, axis=2, reduce="assign")
-        keys = paddle.shape(mask)[-1]
-        return self._out(self._scores(q, new_k[:, :, :keys], new_v[:, :, :keys], mask)), new_k, new_v
+        scale = math.sqrt(self.head_dim)
+        s1 = paddle.matmul(q, cache_k, transpose_y=True) / scale + mask_cache
+        s2 = paddle.matmul(q, k, transpose_y=True) / scale + mask_new
+        att = paddle.concat([s1, s2], axis=-1)
+        att = F.softmax(att, axis=-1) if att.dtype == paddle.float32 else \
+            F.softmax(att.astype("float32"), axis=-1).astype(q.dtype)
+        n = paddle.shape(cache_k)[2]
+        out = paddle.matmul(att[:, :, :, :n], cache_v) + paddle.matmul(att[:, :, :, n:], v)
+        return self._out(out), k, v
 
 
 class Block(nn.Layer):
@@ -210,10 +214,10 @@ class Block(nn.Layer):
         x = x + self.attn(self.ln1(x), mask, cache, start)
         return x + self.mlp(self.ln2(x))
 
-    def step_functional(self, x, mask, cache_k, cache_v, start):
-        a, new_k, new_v = self.attn.step_functional(self.ln1(x), mask, cache_k, cache_v, start)
+    def step_split(self, x, mask_cache, mask_new, cache_k, cache_v):
+        a, k, v = self.attn.step_split(self.ln1(x), mask_cache, mask_new, cache_k, cache_v)
         x = x + a
-        return x + self.mlp(self.ln2(x)), new_k, new_v
+        return x + self.mlp(self.ln2(x)), k, v
 
     def forward(self, x, mask, cache=None, start=0):
         if self.recompute_block and self.training and cache is None:

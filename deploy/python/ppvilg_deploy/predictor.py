@@ -95,16 +95,32 @@ class PredictorDecoder:
         m = pipe.info["model"]
         shape = [ids.shape[0], m["num_heads"], ids.shape[1], m["head_dim"]]
         self.names = [f"cache_{kv}_{i}" for i in range(m["num_layers"]) for kv in ("k", "v")]
-        self.cache = [np.zeros(shape, np.float32) for _ in self.names]
+        import paddle
+        place = paddle.CUDAPlace(pipe.gpu_id) if pipe.device == "gpu" else paddle.CPUPlace()
+        # the runtime's own cache, on the predictors' device, written in place after each step
+        self.cache = [paddle.to_tensor(np.zeros(shape, np.float32), place=place) for _ in self.names]
+
+    def _inputs(self, first, last):
+        """The step's inputs for slots start .. last (start = 0 for the prefill: the source and the first
+        target slot)."""
+        start = 0 if first == self.t0 else first
+        sl = slice(start, last + 1)
+        masks_cache = self.static[:, None, None, sl, :] + self.pad[None]     # [P, B, 1, s, S]
+        masks_cache[..., start:] = -1e9                                      # not filled before this step
+        masks_new = self.static[:, None, None, sl, sl] + self.pad[None, :, :, :, sl]
+        return start, dict(ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl],
+                           masks_cache=masks_cache.astype(np.float32), masks_new=masks_new.astype(np.float32),
+                           **dict(zip(self.names, self.cache)))
+
+    def _store(self, start, new):
+        """Write the step's keys and values [B, H, s, Dh] into the cache at `start`, in place."""
+        for c, kv in zip(self.cache, new):
+            c[:, :, start:start + kv.shape[2]] = kv
 
     def _run(self, first, last):
-        start = 0 if first == self.t0 else first   # the prefill runs the source and the first target slot
-        sl = slice(start, last + 1)
-        # [P, B, 1, s, last + 1]: the keys of the filled prefix (the program attends over these only)
-        masks = self.static[:, None, None, sl, :last + 1] + self.pad[None, :, :, :, :last + 1]
-        logits, *self.cache = self.program(
-            ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
-            start=np.array([start], np.int64), **dict(zip(self.names, self.cache)))
+        start, inputs = self._inputs(first, last)
+        logits, *new = self.program(**inputs)
+        self._store(start, new)
         return logits.numpy(), first - start
 
     def logits_at(self, slot):
@@ -115,18 +131,15 @@ class PredictorDecoder:
         """Text->image: run `slot` and sample the next code of the `rows` prompts inside the program
         (guidance, temperature, top-k, top-p; `uniform` [rows, 1]: the host generator's draws, as sample_from
         draws them) -> codes [rows]."""
-        start = 0 if slot == self.t0 else slot
-        sl = slice(start, slot + 1)
-        masks = self.static[:, None, None, sl, :slot + 1] + self.pad[None, :, :, :, :slot + 1]
+        start, inputs = self._inputs(slot, slot)
         v = self.pipe.info["model"]["num_codes"]
         st = settings
-        codes, *self.cache = self.pipe.sample_image(
-            ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl], masks=masks.astype(np.float32),
-            start=np.array([start], np.int64), uniform=np.asarray(uniform, np.float64),
-            temperature=np.array([max(st.temperature, 1e-6)], np.float64),
+        codes, *new = self.pipe.sample_image(
+            uniform=np.asarray(uniform, np.float64), temperature=np.array([max(st.temperature, 1e-6)], np.float64),
             top_k=np.array([st.top_k if 0 < st.top_k < v else v], np.int64),
             top_p=np.array([st.top_p if st.top_p < 1.0 else 2.0], np.float64),
-            cfg_scale=np.array([st.cfg_scale], np.float32), **dict(zip(self.names, self.cache)))
+            cfg_scale=np.array([st.cfg_scale], np.float32), **inputs)
+        self._store(start, new)
         return codes.numpy()
 
     def logits_span(self, first, last):
@@ -167,6 +180,7 @@ class DeployPipeline(Decoding):
             self.masks = {k: z[k] for k in z.files}
         opts = dict(device=device, threads=threads, mkldnn=mkldnn, memory_optim=memory_optim, precision=precision,
                     gpu_id=gpu_id)
+        self.device, self.gpu_id = device, gpu_id
         progs = self.info["programs"]
         self.vq_encoder = Program(os.path.join(folder, progs["vq_encoder"]), **opts)
         self.vq_decoder = Program(os.path.join(folder, progs["vq_decoder"]), **opts)
