@@ -97,7 +97,7 @@ def roofline(batches=(1, 8), steps=12):
     model = ViLG(cfg)
     model.eval()
     touched = sum(p.size for n, p in model.named_parameters() if not n.startswith("text_"))
-    touched -= (cfg.num_codes + 1 - 1) * cfg.hidden_size   # one row of the image table per step, not all
+    touched -= cfg.num_codes * cfg.hidden_size   # of the image table's num_codes + 1 rows a step reads one
     bw = memory_bandwidth()
     bound = touched * 4 / bw
     layout = text_to_image(cfg.max_text_len, cfg.grid)

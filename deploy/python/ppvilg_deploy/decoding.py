@@ -174,7 +174,7 @@ class Decoding:
                 if k + 1 < n:
                     dec.ids[:, dec.t0 + k + 1] = np.concatenate([tok, tok]) if guided else tok
         if stats is not None:
-            stats.update(forwards=forwards, codes=b * n, codes_per_forward=b * n / forwards / b)
+            stats.update(forwards=forwards, codes=b * n, codes_per_forward=n / forwards)   # per row
         return out.reshape([len(texts), st.candidates, seq.grid, seq.grid])
 
     def _jacobi(self, dec, b, n, st, rng, guided):
