@@ -7,6 +7,9 @@ The folder holds everything deploy/python needs and nothing else:
     step_image/...                     one cached step of the transformer, image head (text->image)
     step_text/...                      the same step, text head (image->text, VQA)
     sample_image/...                   step_image and the sampler in one program: returns the sampled codes
+    score_text/...                     log p(text | image) of whole image->text sequences (reranking)
+    reconstruct/...                    end-to-end checkpoints only: the generator's hidden states of whole
+                                       text->image sequences through the end-to-end reconstructor -> images
     masks.npz                          additive attention masks [patterns, S, S] per direction (no padding)
     vocab.txt                          the text vocabulary
     inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
@@ -20,6 +23,9 @@ no program copies the cache. step_image returns the logits of every slot of the 
 Jacobi decoding verifies a window of drafts in one step), step_text those of its last slot [B, V] (a text
 prefill runs ~n image slots, whose vocabulary-wide logits nobody reads). The prefill runs the source and the
 first target slot as one step over an empty cache. The same ViLG code runs (Block.step_split).
+
+The whole-sequence programs (score_text, reconstruct) take ids [B, S], kind [S], pos [S] and masks [P, B, 1, S, S]
+(each pattern's mask with key padding added) and run ViLG's uncached blocks.
 """
 import os
 import shutil
@@ -96,6 +102,53 @@ class SampleStepProgram(StepProgram):
         return [sample_in_graph(logits[:, -1], uniform, temperature, top_k, top_p, cfg_scale)] + new
 
 
+class _WholeSequence(paddle.nn.Layer):
+    """The hidden states of the last `target_len` slots of whole sequences (uncached blocks, before the
+    final LN)."""
+
+    def __init__(self, model, target_len):
+        super().__init__()
+        self.m, self.target_len = model, target_len
+        c = model.config
+        patterns = pattern_names(c)
+        self.pattern_index = [patterns.index(layer_pattern(i, c.num_layers, c.attention))
+                              for i in range(c.num_layers)]
+
+    def target_hidden(self, ids, kind, pos, masks):
+        x = self.m.embed(ids, kind, pos)
+        for i, block in enumerate(self.m.blocks):
+            x = block(x, masks[self.pattern_index[i]])
+        return x[:, -self.target_len:]
+
+
+class ScoreTextProgram(_WholeSequence):
+    """log p(text | image) per row, summed over the target text's real tokens ([SEP] included): what
+    ppvilg.generation.Generator.caption_logprob computes, for reranking text->image candidates in deploy."""
+
+    def __init__(self, model, vocab_size):
+        super().__init__(model, model.config.max_text_len)
+        self.vocab_size = vocab_size
+
+    def forward(self, ids, kind, pos, masks, labels, weights):
+        """labels [B, L] int64 (the target text), weights [B, L] float32 (1 on its real tokens) -> [B]."""
+        logits = self.m.head(self.target_hidden(ids, kind, pos, masks), TEXT_TGT)[..., :self.vocab_size]
+        nll = paddle.nn.functional.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), reduction="none")
+        return -(nll[..., 0] * weights).sum(1)
+
+
+class ReconstructProgram(_WholeSequence):
+    """End-to-end checkpoints: images [B, 3, H, W] in [-1, 1] from the final-LN'd hidden states at the image
+    slots of whole (prompt, codes) sequences through the end-to-end reconstructor (ViLGInference.reconstruct_e2e)."""
+
+    def __init__(self, model, reconstructor):
+        super().__init__(model, model.config.grid ** 2)
+        self.rec = reconstructor
+
+    def forward(self, ids, kind, pos, masks):
+        h = self.m.ln_f(self.target_hidden(ids, kind, pos, masks))
+        return self.rec(h, self.m.config.grid)
+
+
 class _Method(paddle.nn.Layer):
     """One method of a layer as a program (the VQ model's encode / decode_codes)."""
 
@@ -153,6 +206,14 @@ def export(vilg, cfg, out):
                                          spec([1], "int64", "top_k"), spec([1], "float64", "top_p"),
                                          spec([1], "float32", "cfg_scale"), step_specs[5]]
         _save(SampleStepProgram(model), sample_specs, os.path.join(tmp, "sample_image", "model"))
+        whole = step_specs[:3] + [spec([npat, None, 1, None, None], "float32", "masks")]
+        _save(ScoreTextProgram(model, tok.vocab_size),
+              whole + [spec([None, c.max_text_len], "int64", "labels"),
+                       spec([None, c.max_text_len], "float32", "weights")], os.path.join(tmp, "score_text", "model"))
+        programs = ["vq_encoder", "vq_decoder", "step_image", "step_text", "sample_image", "score_text"]
+        if vilg.e2e is not None:
+            _save(ReconstructProgram(model, vilg.e2e), whole, os.path.join(tmp, "reconstruct", "model"))
+            programs.append("reconstruct")
         np.savez(os.path.join(tmp, "masks.npz"), **static_masks(c))
         shutil.copy(tok.vocab_file, os.path.join(tmp, "vocab.txt"))
         ev = cfg.Eval
@@ -170,12 +231,10 @@ def export(vilg, cfg, out):
                           "eos_id": tok.eos_id, "vocab_size": tok.vocab_size},
             "image": {"size": size, "preprocess": "resize short side (area / cubic) + center crop, RGB, x/127.5-1"},
             "sampler": SamplerSettings.from_mapping(ev).to_dict(),
-            "programs": {k: f"{k}/model" for k in ("vq_encoder", "vq_decoder", "step_image", "step_text",
-                                                    "sample_image")},
-            # an end-to-end checkpoint's reconstructor needs the generator's hidden states of the whole
-            # sequence, which the step programs do not return: deployment decodes codes with the VQ decoder
-            "reconstructor": "vq_decoder",
-            "checkpoint_reconstructor": vilg.reconstructor,
+            "programs": {k: f"{k}/model" for k in programs},
+            # how generated codes become pixels: the VQ decoder, or (a checkpoint trained end to end) one
+            # whole-sequence forward + the end-to-end reconstructor (the `reconstruct` program)
+            "reconstructor": vilg.reconstructor,
             "source": {"checkpoint": os.path.abspath(vilg.folder or ""), "paddle_version": paddle.__version__},
         }
         atomic_write_text(os.path.join(tmp, "inference.yml"),

@@ -60,3 +60,20 @@ def run_dirs(tmp_path_factory):
     img[10:20, 5:15] = (230, 30, 30)
     write_png(str(root / "red.png"), img)
     return root
+
+
+@pytest.fixture(scope="session")
+def exported(run_dirs, tmp_path_factory):
+    """(ViLGInference of the tiny checkpoint, its DeployPipeline, the export folder), exported with
+    Eval.top_k=5."""
+    import sys
+    from ppvilg.config import load_config
+    from ppvilg.export import export
+    from ppvilg.inference import ViLGInference
+    sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
+    from ppvilg_deploy.predictor import DeployPipeline
+    out = tmp_path_factory.mktemp("export") / "model"
+    pipe = ViLGInference.from_checkpoint(str(run_dirs / "vilg"))
+    cfg = load_config(os.path.join(ROOT, "configs/tests/vilg_tiny.yaml"), ["Eval.top_k=5"])
+    export(pipe, cfg, str(out))
+    return pipe, DeployPipeline(str(out), threads=1), out

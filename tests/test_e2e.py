@@ -79,6 +79,19 @@ def test_end_to_end_checkpoint_drives_inference(run_dirs, tmp_path):
         h = m.ln_f(m.hidden(paddle.to_tensor(ids), valid, lay)[:, lay.target_slice()])
         want = np.stack([to_uint8_image(a) for a in pipe.e2e(h, m.config.grid).numpy()])
     np.testing.assert_array_equal(images[0], want)
+    # the export carries the reconstructor: deploy draws the same codes and makes the same pixels from them
+    import sys
+    from ppvilg.export import export
+    sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
+    from ppvilg_deploy.predictor import DeployPipeline
+    export(pipe, cfg, str(tmp_path / "export"))
+    dep = DeployPipeline(str(tmp_path / "export"))
+    assert dep.reconstructor == "end_to_end"
+    dep_images, dep_codes, _ = dep.text_to_image(["红色圆形"], candidates=2, top_k=4, seed=3)
+    gen_images, gen_codes, _ = pipe.text_to_image(["红色圆形"], candidates=2, top_k=4, seed=3)
+    np.testing.assert_array_equal(dep_codes, gen_codes)
+    np.testing.assert_allclose(dep_images.astype(int), gen_images.astype(int), atol=1, rtol=0)
+    assert np.abs(dep_images.astype(int) - dep.decode(dep_codes).astype(int)).max() > 8   # not the VQ decoder
 
 
 def test_end_to_end_needs_images(run_dirs, tmp_path):

@@ -11,10 +11,6 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from ppvilg.export import export
-from ppvilg.inference import ViLGInference
-from ppvilg.config import load_config
-
 sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
 from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
@@ -22,22 +18,48 @@ from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def exported(run_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "model"
-    pipe = ViLGInference.from_checkpoint(str(run_dirs / "vilg"))
-    cfg = load_config(os.path.join(ROOT, "configs/tests/vilg_tiny.yaml"), ["Eval.top_k=5"])
-    export(pipe, cfg, str(out))
-    return pipe, DeployPipeline(str(out), threads=1), out
-
-
 def test_the_folder_is_self_contained(exported):
     _, dep, out = exported
-    assert sorted(os.listdir(out)) == ["inference.yml", "masks.npz", "sample_image", "step_image", "step_text",
-                                       "vocab.txt", "vq_decoder", "vq_encoder"]
-    assert dep.sampler.top_k == 5
+    assert sorted(os.listdir(out)) == ["inference.yml", "masks.npz", "sample_image", "score_text", "step_image",
+                                       "step_text", "vocab.txt", "vq_decoder", "vq_encoder"]
+    assert dep.sampler.top_k == 5 and dep.reconstructor == "vq_decoder"
     with pytest.raises(ExportError, match="inference.yml"):
         DeployPipeline(str(out / "step_text"))
+
+
+def test_exported_scores_and_rerank_equal_the_dynamic_graph(exported):
+    """score_text == Generator.caption_logprob (teacher-forced log p(text | image)), so both rerank alike."""
+    pipe, dep, _ = exported
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 64, [2, 3, 8, 8])
+    texts = ["左上角有一个小红色圆形", "a big blue square on the right"]
+    want = pipe.gen.caption_logprob(codes.reshape([6, -1]), [t for t in texts for _ in range(3)])
+    got = dep.caption_logprob(codes.reshape([6, -1]), [t for t in texts for _ in range(3)], chunk=4)
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-5)
+    assert len(set(np.round(got, 3))) == 6          # the texts and images matter
+    order, scores = dep.rerank(texts, codes)
+    np.testing.assert_array_equal(order, pipe.gen.rerank(texts, codes)[0])
+    images, got_codes, got_scores = dep.text_to_image(texts, candidates=3, top_k=5, seed=4, rerank=True)
+    raw = pipe.gen.text_to_image(texts, candidates=3, top_k=5, seed=4)
+    o, s = pipe.gen.rerank(texts, raw)
+    np.testing.assert_array_equal(got_codes, raw[np.arange(2)[:, None], o])
+    np.testing.assert_allclose(got_scores, np.take_along_axis(s, o, 1), atol=1e-3, rtol=1e-5)
+    assert (np.diff(got_scores, axis=1) <= 0).all()
+    # the exported VQ decoder sums in another order: a pixel may round the other way
+    np.testing.assert_allclose(images.astype(int), pipe.decode(got_codes).astype(int), atol=1, rtol=0)
+
+
+def test_one_seed_per_text_gives_each_text_what_it_gets_alone(exported):
+    """Per-text generators (a server batching requests): a prompt's codes do not depend on its neighbours."""
+    _, dep, _ = exported
+    texts, seeds = ["红色圆形", "a big blue square", "绿色三角形"], [11, 5, 11]
+    both = dep.sample_codes(texts, dep.sampler.replace(candidates=2, top_k=8, cfg_scale=1.5), seeds=seeds)
+    for k, (t, sd) in enumerate(zip(texts, seeds)):
+        alone = dep.sample_codes([t], dep.sampler.replace(candidates=2, top_k=8, cfg_scale=1.5, seed=sd))
+        np.testing.assert_array_equal(both[k], alone[0])
+    assert not np.array_equal(both[0], both[2])     # same seed, other text
+    with pytest.raises(ValueError, match="sequential"):
+        dep.sample_codes(texts, dep.sampler.replace(decoding="sjd"), seeds=seeds)
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t", "vqa"])
@@ -66,7 +88,8 @@ def test_deploy_generates_what_the_dynamic_graph_generates(exported, run_dirs):
     pipe, dep, _ = exported
     texts = ["左上角有一个小红色圆形", "a big blue square"]
     want = pipe.gen.text_to_image(texts, candidates=2, top_k=5, cfg_scale=2.0, seed=7)
-    images, got = dep.text_to_image(texts, candidates=2, top_k=5, cfg_scale=2.0, seed=7)
+    images, got, scores = dep.text_to_image(texts, candidates=2, top_k=5, cfg_scale=2.0, seed=7)
+    assert scores is None
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(images, pipe.decode(want))
     # speculative Jacobi decoding over the exported step (logits of a window of slots per step)

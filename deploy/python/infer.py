@@ -2,7 +2,7 @@
 tools/export_model.py. Needs paddlepaddle (or paddlepaddle-gpu), numpy, OpenCV, Pillow, PyYAML and paddlenlp's
 tokenizer; never the training package.
 
-  python deploy/python/infer.py --model-dir output/demo/export --text "左上角有一个小红色圆形" --num 4 --out out/
+  python deploy/python/infer.py --model-dir output/demo/export --text "左上角有一个小红色圆形" --num 4 --rerank --out out/
   python deploy/python/infer.py --model-dir output/demo/export --image out/00.png
   python deploy/python/infer.py --model-dir output/demo/export --image out/00.png --question "是什么颜色"
 
@@ -31,6 +31,8 @@ def parse(argv):
     p.add_argument("--text", help="prompt for text->image")
     p.add_argument("--image", help="image to caption, or to ask --question about")
     p.add_argument("--question", help="question about --image (generative VQA)")
+    p.add_argument("--rerank", action="store_true", help="text->image: order the candidates by the model's own "
+                   "caption likelihood log p(text | image), best first")
     p.add_argument("--out", default="output/deploy", help="text->image: folder for the PNGs")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--gpu-id", type=int, default=0)
@@ -54,14 +56,15 @@ def main(argv=None):
                               memory_optim=a.memory_optim, precision=a.precision, gpu_id=a.gpu_id)
         settings = apply_sampler_flags(pipe.sampler, a)
         if a.text:
-            images, _ = pipe.text_to_image([a.text], sampler=settings)
+            images, _, scores = pipe.text_to_image([a.text], sampler=settings, rerank=a.rerank)
             os.makedirs(a.out, exist_ok=True)
             paths = []
             for k, im in enumerate(images[0]):
                 paths.append(os.path.abspath(os.path.join(a.out, f"{k:02d}.png")))
                 if not cv2.imwrite(paths[-1], np.ascontiguousarray(im[:, :, ::-1])):
                     raise ExportError(f"{paths[-1]}: cannot write")
-            result = {"text": a.text, "images": paths}
+            result = {"text": a.text, "images": paths, "reconstructor": pipe.reconstructor,
+                      "scores": None if scores is None else [float(x) for x in scores[0]]}
         else:
             images = [read_image(a.image)]
             out = (pipe.answer(images, a.question, sampler=settings) if a.question

@@ -137,14 +137,31 @@ def sample_from(logp, rng):
     return np.minimum((np.cumsum(p, -1) < u * p.sum(-1, keepdims=True)).sum(-1), p.shape[-1] - 1)
 
 
+class _RowGenerators:
+    """Uniform draws for blocks of `rows` consecutive rows, each block from its own generator: block k's
+    numbers are those np.random.default_rng(seeds[k]) gives alone (what sequential decoding draws: one
+    number per row per step)."""
+
+    def __init__(self, seeds, rows):
+        self.gens, self.rows = [np.random.default_rng(s) for s in seeds], rows
+
+    def random(self, shape):
+        if len(shape) != 2 or shape != (self.rows * len(self.gens), 1):
+            raise ValueError(f"per-text generators draw [rows, 1], asked for {shape}")
+        return np.concatenate([g.random((self.rows, 1)) for g in self.gens])
+
+
 class Decoding:
     """Needs: self.seq (SequenceBuilder) and make_decoder()."""
 
     # ---- text -> image ----------------------------------------------------------------------------------
-    def sample_codes(self, texts, settings, truncate=False, stats=None, **decoder_options):
+    def sample_codes(self, texts, settings, truncate=False, stats=None, seeds=None, **decoder_options):
         """-> int64 codes [len(texts), settings.candidates, grid, grid]. A text longer than the model's text
         length is an error, or is cut (keeping [SEP]) with truncate=True. `stats` (a dict) receives the
-        number of model forwards and codes decoded."""
+        number of model forwards and codes decoded. Random numbers come from one generator seeded with
+        settings.seed, or with `seeds` (one per text) from one generator per text, so that a text's codes do
+        not depend on the texts decoded beside it (a server batching requests); per-text seeds need
+        sequential decoding."""
         seq, st = self.seq, settings
         n = seq.num_cells
         src, src_valid = seq.text(texts, truncate)
@@ -156,7 +173,16 @@ class Decoding:
             src, src_valid = np.concatenate([src, null]), np.concatenate([src_valid, null_valid])
         ids, valid, _ = seq.text_to_image((src, src_valid))
         dec = self.make_decoder("t2i", ids, valid, **decoder_options)
-        rng = np.random.default_rng(st.seed)
+        if seeds is None:
+            rng = np.random.default_rng(st.seed)
+        else:
+            if len(seeds) != len(texts):
+                raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
+            if st.decoding != "sequential" and len(texts) > 1:
+                raise ValueError("one seed per text needs decoding='sequential' (speculative Jacobi decoding "
+                                 "draws for all rows from one generator)")
+            rng = (np.random.default_rng(seeds[0]) if len(seeds) == 1
+                   else _RowGenerators(seeds, st.candidates))
         if st.decoding == "sjd":
             out, forwards = self._jacobi(dec, b, n, st, rng, guided)
         else:

@@ -1,7 +1,7 @@
 """Text->image, image->text and VQA with Paddle Inference predictors over a folder from tools/export_model.py.
 
     pipe = DeployPipeline("output/demo/export", device="cpu", threads=1)
-    images, codes = pipe.text_to_image(["左上角有一个小红色圆形"], candidates=4, seed=0)
+    images, codes, scores = pipe.text_to_image(["左上角有一个小红色圆形"], candidates=4, seed=0, rerank=True)
     pipe.caption(images_rgb)                 # -> list of dicts(text, ids, score, logprob)
     pipe.answer(images_rgb, "这是什么颜色")
 
@@ -21,7 +21,9 @@ from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg_deploy.tokenizer import TextTokenizer
 
 
-FORMAT = "ppvilg-inference/2"   # written by ppvilg/export.py (2: step_image returns every slot's logits)
+# written by ppvilg/export.py (2: step_image returns every slot's logits; 3: score_text, and reconstruct for
+# end-to-end checkpoints)
+FORMAT = "ppvilg-inference/3"
 
 
 class ExportError(RuntimeError):
@@ -167,7 +169,8 @@ class DeployPipeline(Decoding):
         if self.info.get("format") != FORMAT:
             raise ExportError(f"{path}: format {self.info.get('format')!r}, this runtime reads {FORMAT!r}"
                               + (" (export the checkpoint again with tools/export_model.py)"
-                                 if self.info.get("format") == "ppvilg-inference/1" else ""))
+                                 if self.info.get("format") in ("ppvilg-inference/1", "ppvilg-inference/2")
+                                 else ""))
         m = self.info["model"]
         self.grid, self.image_size = m["grid"], self.info["image"]["size"]
         try:
@@ -187,6 +190,15 @@ class DeployPipeline(Decoding):
         self.step_image = Program(os.path.join(folder, progs["step_image"]), **opts)
         self.step_text = Program(os.path.join(folder, progs["step_text"]), **opts)
         self.sample_image = Program(os.path.join(folder, progs["sample_image"]), **opts)
+        self.score_text = Program(os.path.join(folder, progs["score_text"]), **opts)
+        self.reconstructor = self.info["reconstructor"]
+        if self.reconstructor not in ("vq_decoder", "end_to_end"):
+            raise ExportError(f"{path}: reconstructor must be vq_decoder or end_to_end, got {self.reconstructor!r}")
+        self.reconstruct_program = None
+        if self.reconstructor == "end_to_end":
+            if "reconstruct" not in progs:
+                raise ExportError(f"{path}: reconstructor end_to_end without a reconstruct program")
+            self.reconstruct_program = Program(os.path.join(folder, progs["reconstruct"]), **opts)
 
     def make_decoder(self, direction, ids, valid):
         return PredictorDecoder(self, direction, ids, valid)
@@ -204,15 +216,73 @@ class DeployPipeline(Decoding):
         out = np.stack([to_uint8_image(a) for a in self.vq_decoder(codes=flat)[0].numpy()])
         return out.reshape(codes.shape[:-2] + out.shape[1:])
 
+    # ---- whole sequences: reranking and the end-to-end reconstructor -----------------------------------
+    def _whole(self, direction, ids, valid):
+        """The inputs of a whole-sequence program: ids, kind, pos and masks [P, B, 1, S, S] (key padding
+        added)."""
+        info = self.info["layouts"][direction]
+        kind = np.concatenate([np.full(n, k, np.int64) for k, n in zip(info["kinds"], info["lengths"])])
+        pos = np.concatenate([np.arange(n, dtype=np.int64) for n in info["lengths"]])
+        pad = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]
+        masks = (self.masks[direction][:, None, None] + pad[None]).astype(np.float32)
+        return dict(ids=ids, kind=kind, pos=pos, masks=masks)
+
+    def caption_logprob(self, codes, texts, chunk=32):
+        """Sum of log p(text | image) for each (codes[i], texts[i]) pair, [SEP] included (the score_text
+        program; the dynamic graph's Generator.caption_logprob)."""
+        codes = np.asarray(codes, np.int64).reshape([len(texts), -1])
+        text, valid_t = self.seq.text(texts, truncate=True)
+        ids, valid, _ = self.seq.image_to_text(codes, text=(text, valid_t))
+        out = []
+        for s in range(0, len(texts), chunk):
+            sl = slice(s, s + chunk)
+            out.append(self.score_text(labels=text[sl], weights=valid_t[sl].astype(np.float32),
+                                       **self._whole("i2t", ids[sl], valid[sl]))[0].numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def rerank(self, texts, candidates):
+        """candidates [len(texts), N, grid, grid] -> (order [len(texts), N] best first, scores [len(texts), N]):
+        the model's own log p(prompt | candidate image)."""
+        t, n = candidates.shape[:2]
+        scores = self.caption_logprob(candidates.reshape([t * n, -1]), [x for x in texts for _ in range(n)])
+        scores = scores.reshape([t, n])
+        return np.argsort(-scores, axis=1, kind="stable"), scores
+
+    def reconstruct(self, texts, codes, truncate=True, chunk=32):
+        """End-to-end exports: texts [T] and their codes [T, N, g, g] -> RGB uint8 images [T, N, S, S, 3] from
+        the generator's hidden states over each (text, codes) sequence (ViLGInference.reconstruct_e2e)."""
+        if self.reconstruct_program is None:
+            raise ExportError("this export has no end-to-end reconstructor (its checkpoint was not trained end "
+                              "to end): use decode()")
+        codes = np.asarray(codes, np.int64)
+        t, n = codes.shape[:2]
+        flat = codes.reshape([t * n, -1])
+        src, valid_s = self.seq.text([x for x in texts for _ in range(n)], truncate)
+        out = []
+        for s in range(0, len(flat), chunk):
+            sl = slice(s, s + chunk)
+            ids, valid, _ = self.seq.text_to_image((src[sl], valid_s[sl]), flat[sl])
+            out += [to_uint8_image(a) for a in self.reconstruct_program(**self._whole("t2i", ids, valid))[0].numpy()]
+        return np.stack(out).reshape([t, n] + list(out[0].shape))
+
     # ---- the three tasks --------------------------------------------------------------------------------
     def settings(self, sampler=None, **changes):
         """`sampler` (default: the export's, self.sampler) with `changes` (SamplerSettings fields)."""
         return (sampler or self.sampler).replace(**changes)
 
-    def text_to_image(self, texts, sampler=None, truncate=False, **changes):
-        """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid]), N = candidates."""
-        codes = self.sample_codes(texts, self.settings(sampler, **changes), truncate)
-        return self.decode(codes), codes
+    def text_to_image(self, texts, sampler=None, truncate=False, rerank=False, seeds=None, **changes):
+        """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid], scores [len(texts),
+        N] or None), N = candidates; reranked (best first, by the model's own caption likelihood) with rerank.
+        Pixels come from the end-to-end reconstructor when the export has one, else the VQ decoder. `seeds`:
+        one sampling seed per text (see Decoding.sample_codes)."""
+        codes = self.sample_codes(texts, self.settings(sampler, **changes), truncate, seeds=seeds)
+        scores = None
+        if rerank:
+            order, scores = self.rerank(texts, codes)
+            idx = np.arange(len(texts))[:, None]
+            codes, scores = codes[idx, order], scores[idx, order]
+        images = self.reconstruct(texts, codes, truncate) if self.reconstructor == "end_to_end" else self.decode(codes)
+        return images, codes, scores
 
     def caption(self, images, sampler=None, **changes):
         return self.decode_text(self.encode(images), self.settings(sampler, **changes))
