@@ -308,6 +308,8 @@ class Decoding:
 
     def _beam(self, codes, max_len, k, alpha, question, decoder_options):
         b = len(codes)
+        if question is not None and not isinstance(question, str):   # one question per image: per beam
+            question = [q for q in question for _ in range(k)]
         dec = self._text_decoder(np.repeat(np.asarray(codes), k, 0), question, decoder_options)
         eos = self.seq.tok.eos_id
         beam_logp = np.tile(np.r_[0.0, np.full(k - 1, -np.inf)], b)  # start from one live beam per item

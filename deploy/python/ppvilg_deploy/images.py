@@ -63,22 +63,30 @@ def read_image(path, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES):
                             "file too large")
     with open(path, "rb") as f:
         data = f.read()
+    return decode_image(data, path, max_pixels, max_bytes)
+
+
+def decode_image(data, name, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES):
+    """The bytes of an image file (read from `name`, or received by a server) -> RGB uint8, with read_image's
+    checks; BadImageError names `name`."""
+    if len(data) > max_bytes:
+        raise BadImageError(f"{name}: {len(data)} bytes, more than the limit of {max_bytes}", "file too large")
     if not data:
-        raise BadImageError(f"{path}: empty file", "empty file")
-    if _truncated(path, data):
-        raise BadImageError(f"{path}: truncated image data", "truncated")
-    w, h = header_size(data, path)
+        raise BadImageError(f"{name}: empty file", "empty file")
+    if _truncated(name, data):
+        raise BadImageError(f"{name}: truncated image data", "truncated")
+    w, h = header_size(data, name)
     if w * h > max_pixels:
-        raise BadImageError(f"{path}: its header declares {w}x{h} = {w * h} pixels, more than the limit of "
+        raise BadImageError(f"{name}: its header declares {w}x{h} = {w * h} pixels, more than the limit of "
                             f"{max_pixels} (Data.max_image_pixels); not decoded", "too many pixels")
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
-        raise BadImageError(f"{path}: OpenCV could not decode it ({str(e).strip().splitlines()[-1]})",
+        raise BadImageError(f"{name}: OpenCV could not decode it ({str(e).strip().splitlines()[-1]})",
                             "decoder error") from None
     if img is None:
-        raise BadImageError(f"{path}: not an image OpenCV can decode", "undecodable")
-    return to_rgb_uint8(img, path)
+        raise BadImageError(f"{name}: not an image OpenCV can decode", "undecodable")
+    return to_rgb_uint8(img, name)
 
 
 def to_rgb_uint8(img, name="<array>"):
