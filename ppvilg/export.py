@@ -14,9 +14,10 @@ The folder holds everything deploy/python needs and nothing else:
     vocab.txt                          the text vocabulary
     inference.yml                      sizes, special ids, layer -> mask pattern, sampler defaults, files
 
-A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks_cache [P, B, 1, s, S] (this
-step's rows of each mask pattern over the cache, slots not filled before the step hidden, key padding added),
-masks_new [P, B, 1, s, s] (the same rows over the step's own slots) and the KV cache as cache_k_0, cache_v_0, ...
+A step program takes ids [B, s], kind [s], pos [s] (slot kinds / positions), masks_cache [P, B, H, s, S] (this
+step's rows of each mask pattern over the cache, slots not filled before the step hidden, key padding added;
+repeated for each head: Paddle's CPU add broadcasting over the heads costs ~20x a same-shape add),
+masks_new [P, B, H, s, s] (the same rows over the step's own slots) and the KV cache as cache_k_0, cache_v_0, ...
 [B, H, S, Dh] per layer, read only; it returns logits and the keys and values of the step's slots,
 new_k_0, new_v_0, ... [B, H, s, Dh], which the runtime writes into its cache in place (ppvilg_deploy/predictor.py):
 no program copies the cache. step_image returns the logits of every slot of the step [B, s, V] (speculative
@@ -193,8 +194,8 @@ def export(vilg, cfg, out):
     spec = paddle.static.InputSpec
     npat = len(pattern_names(c))
     step_specs = [spec([None, None], "int64", "ids"), spec([None], "int64", "kind"), spec([None], "int64", "pos"),
-                  spec([npat, None, 1, None, None], "float32", "masks_cache"),
-                  spec([npat, None, 1, None, None], "float32", "masks_new")]
+                  spec([npat, None, heads, None, None], "float32", "masks_cache"),
+                  spec([npat, None, heads, None, None], "float32", "masks_new")]
     step_specs.append([spec([None, heads, None, head_dim], "float32", f"cache_{kv}_{i}")
                        for i in range(c.num_layers) for kv in ("k", "v")])
     with AtomicDir(out) as tmp:

@@ -85,6 +85,25 @@ def test_batches_fit_the_limit_and_late_or_failing_jobs_do_not_stop_the_worker()
     assert b.stats["timed_out"] == 1 and b.stats["failed"] == 1
 
 
+def test_under_concurrent_load_a_batch_with_room_waits_for_the_next_requests():
+    seen = []
+    b = Batcher({"x": lambda p: seen.append(list(p)) or p}, max_batch=2, max_queue=10, gather_s=30.0, start=False)
+    first = [b.submit("x", "k", 1, p) for p in ("a", "b")]
+    b.start()
+    [f.result(timeout=5) for f in first]          # a batch of two: concurrent load
+    c = b.submit("x", "k", 1, "c")
+    time.sleep(0.2)
+    d = b.submit("x", "k", 1, "d")                  # arrives while "c" waits for company
+    assert (c.result(timeout=10), d.result(timeout=10)) == ("c", "d")
+    b.close()
+    assert seen == [["a", "b"], ["c", "d"]]
+    alone = Batcher({"x": lambda p: p}, max_batch=2, gather_s=30.0)
+    t0 = time.monotonic()
+    assert alone.submit("x", "k", 1, "e").result(timeout=5) == "e"
+    assert time.monotonic() - t0 < 5                # no concurrency seen: no wait
+    alone.close()
+
+
 # ---- a live server ---------------------------------------------------------------------------------------
 def _free_port():
     with socket.socket() as s:
@@ -98,7 +117,7 @@ def server(exported):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "deploy/python/serve.py", "--model-dir", str(out), "--port", str(port),
-                             "--max-batch", "8", "--max-queue", "32", "--max-body-bytes", "200000"],
+                             "--max-batch", "8", "--max-n", "6", "--max-queue", "32", "--max-body-bytes", "200000"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -127,7 +146,7 @@ def test_health_and_models(server):
     m = httpx.get(url + "/v1/models").json()["data"][0]
     assert m["sampler"] == dep.sampler.to_dict() and m["sampler"]["top_k"] == 5   # the export's defaults
     assert (m["grid"], m["image_size"], m["text_len"]) == (dep.grid, dep.image_size, dep.seq.text_len)
-    assert m["languages"] == ["zh", "en"] and m["serving"]["max_batch"] == 8
+    assert m["languages"] == ["zh", "en"] and m["serving"]["max_batch"] == 8 and m["serving"]["max_n"] == 6
     page = httpx.get(url + "/")
     assert page.status_code == 200 and 'id="generate"' in page.text
     assert "http://" not in page.text and "https://" not in page.text   # nothing fetched from elsewhere
@@ -184,7 +203,7 @@ BAD = [
     ("/v1/images/generations", {"content": b'[1, 2]'}, 400, None, "JSON object"),
     ("/v1/images/generations", {"json": {"prompt": 3}}, 400, "prompt", "valid string"),
     ("/v1/images/generations", {"json": {"prompt": "x", "n": "4"}}, 400, "n", "integer"),
-    ("/v1/images/generations", {"json": {"prompt": "x", "n": 9}}, 400, "n", "--max-batch"),
+    ("/v1/images/generations", {"json": {"prompt": "x", "n": 7}}, 400, "n", "--max-n"),
     ("/v1/images/generations", {"json": {"prompt": "x", "top_p": 1.5}}, 400, "top_p", "(0, 1]"),
     ("/v1/images/generations", {"json": {"prompt": "x", "temperature": -1}}, 400, "temperature", ">= 0"),
     ("/v1/images/generations", {"json": {"prompt": "x", "top_k": -2}}, 400, "top_k", ">= 0"),

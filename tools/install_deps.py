@@ -1,6 +1,7 @@
 """Install what requirements.txt lists and this Python lacks; never replace a paddle build that imports
-(a paddlepaddle-gpu install stays as it is); install a Java runtime for METEOR where missing (apt, as root).
-Fast when nothing is missing (a stamp file per requirements)."""
+(a paddlepaddle-gpu install stays as it is); install a Java runtime for METEOR and Chromium + chromedriver for
+the web page's browser test where missing (apt, as root). Fast when nothing is missing (a stamp file per
+requirements)."""
 import hashlib
 import os
 import shutil
@@ -10,18 +11,27 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ensure_java():
-    """METEOR 1.5 (pycocoevalcap) runs on Java: install a headless JRE with apt where we can."""
-    if shutil.which("java"):
+def apt_packages():
+    """Debian packages the project uses that are missing: a Java runtime (METEOR 1.5 in pycocoevalcap runs on
+    Java) and Chromium with its driver (tests/test_serve.py drives the web page in a real browser)."""
+    want = []
+    if not shutil.which("java"):
+        want.append("default-jre-headless")
+    if not shutil.which("chromium"):
+        want.append("chromium")
+    if not shutil.which("chromedriver"):
+        want.append("chromium-driver")
+    if not want:
         return
     if os.name == "posix" and shutil.which("apt-get") and os.geteuid() == 0:
-        print("install_deps: installing a Java runtime for METEOR (apt-get install default-jre-headless)", flush=True)
+        print(f"install_deps: apt-get install {' '.join(want)} (METEOR's Java, the browser test's Chromium)",
+              flush=True)
         subprocess.check_call(["apt-get", "update", "-qq"])
-        subprocess.check_call(["apt-get", "install", "-y", "-qq", "default-jre-headless"],
+        subprocess.check_call(["apt-get", "install", "-y", "-qq", *want],
                               env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
     else:
-        print("install_deps: no Java found and cannot install one here; METEOR will be reported as unavailable "
-              "until a Java runtime is installed")
+        print(f"install_deps: missing {', '.join(want)} and cannot install them here (needs apt as root): without "
+              "Java METEOR is reported unavailable; without Chromium the browser test is skipped")
 
 
 def main():
@@ -31,7 +41,7 @@ def main():
     stamp = os.path.join(sys.prefix, f".ppvilg-deps-{digest}")
     if os.path.exists(stamp):
         return
-    ensure_java()
+    apt_packages()
     lines = [ln.strip() for ln in open(req, encoding="utf-8") if ln.strip() and not ln.startswith("#")]
     has_paddle = subprocess.run([sys.executable, "-c", "import paddle"], capture_output=True).returncode == 0
     if has_paddle:

@@ -32,8 +32,12 @@ def parse(argv):
     p.add_argument("--gpu-id", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="GPU only: fp16 / bf16")
     p.add_argument("--threads", type=int, default=1, help="CPU math threads of the predictors")
-    p.add_argument("--max-batch", type=int, default=32, help="images (text->image candidates) or input images "
-                   "(captions, answers) decoded together at most; 1: one request at a time")
+    p.add_argument("--max-batch", type=int, default=64, help="images (text->image candidates) or input images "
+                   "(captions, answers) decoded together at most (a bigger request runs alone); 1: one request at "
+                   "a time")
+    p.add_argument("--max-n", type=int, default=16, help="text->image: images one request may ask for")
+    p.add_argument("--gather-ms", type=float, default=50.0, help="under concurrent load, a batch with room waits "
+                   "this long for more requests before it starts (0: never waits)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 503")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait for its result (504)")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request body limit (413)")
@@ -41,9 +45,11 @@ def parse(argv):
                    help="an uploaded image whose header declares more pixels is refused before decoding")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     a = p.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_body_bytes", "max_image_pixels"):
+    for name in ("max_batch", "max_queue", "max_body_bytes", "max_image_pixels", "max_n"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.gather_ms < 0:
+        p.error("--gather-ms must be >= 0")
     if a.timeout <= 0:
         p.error("--timeout must be > 0")
     return a
@@ -57,8 +63,8 @@ def main(argv=None):
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    settings = ServerSettings(a.max_batch, a.max_queue, a.timeout, a.max_body_bytes, a.max_image_pixels,
-                              name=os.path.basename(os.path.normpath(a.model_dir)))
+    settings = ServerSettings(a.max_batch, a.max_queue, a.timeout, a.max_body_bytes, a.max_image_pixels, a.max_n,
+                              a.gather_ms / 1000.0, name=os.path.basename(os.path.normpath(a.model_dir)))
     app = create_app(pipe, settings)
     import uvicorn
     print(f"ppvilg: serving {a.model_dir} on http://{a.host}:{a.port}/ (max batch {a.max_batch}, queue "

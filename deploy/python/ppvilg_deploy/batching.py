@@ -3,7 +3,10 @@ model (Paddle Inference predictors are not shared between threads).
 
 When the worker is free it takes the oldest job and every other waiting job with the same kind and key (the
 same decoding settings, so they can share one decode), oldest first, while their rows fit `max_batch`; jobs
-that arrive while it decodes wait for the next batch ("gathered at the next decode start"). A job whose
+that arrive while it decodes wait for the next batch ("gathered at the next decode start"). Under concurrent
+load (the previous batch held several jobs) a batch with room waits up to `gather_s` for more jobs before it
+starts: the clients just answered send their next requests within milliseconds, and without the wait they
+would form a batch of their own beside the jobs that waited (two half-full batches taking turns). A job whose
 deadline passed before its batch started, or whose caller gave up (its future cancelled), is never run.
 
     batcher = Batcher({"caption": lambda payloads: [...one result per payload...]}, max_batch=16, max_queue=64)
@@ -28,13 +31,16 @@ Job = collections.namedtuple("Job", "kind key rows payload deadline future")
 
 
 class Batcher:
-    def __init__(self, handlers, max_batch=16, max_queue=64, start=True):
+    def __init__(self, handlers, max_batch=16, max_queue=64, gather_s=0.0, start=True):
         """handlers: {kind: function(list of payloads) -> list of results, one per payload, in order}; a
         handler's exception fails every job of its batch. max_batch: rows per batch (a job bigger than that
-        runs alone); max_queue: jobs waiting (not yet started) before submit() raises QueueFull."""
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        runs alone); max_queue: jobs waiting (not yet started) before submit() raises QueueFull; gather_s: the
+        longest wait for more jobs under concurrent load (0: none)."""
+        if max_batch < 1 or max_queue < 1 or gather_s < 0:
+            raise ValueError(f"max_batch and max_queue must be >= 1 and gather_s >= 0, got {max_batch}, "
+                             f"{max_queue}, {gather_s}")
         self.handlers, self.max_batch, self.max_queue = dict(handlers), max_batch, max_queue
+        self.gather_s, self._last_jobs = gather_s, 0
         self._pending = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -82,22 +88,32 @@ class Batcher:
             self._cv.notify()
         return future
 
+    def _like_head(self):
+        """The oldest job and the waiting jobs like it that fit, in order -> (jobs, rows)."""
+        head = self._pending[0]
+        batch, rows = [], 0
+        for job in self._pending:
+            if (job.kind, job.key) == (head.kind, head.key) and (not batch or rows + job.rows <= self.max_batch):
+                batch.append(job)
+                rows += job.rows
+        return batch, rows
+
     def _take(self):
-        """The next batch: the oldest job and the waiting jobs like it that fit; None once closed."""
+        """The next batch; None once closed."""
         with self._cv:
             while not self._pending and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            head = self._pending[0]
-            batch, rest, rows = [], collections.deque(), 0
-            for job in self._pending:
-                if (job.kind, job.key) == (head.kind, head.key) and (not batch or rows + job.rows <= self.max_batch):
-                    batch.append(job)
-                    rows += job.rows
-                else:
-                    rest.append(job)
-            self._pending = rest
+            batch, rows = self._like_head()
+            if self.gather_s > 0 and self._last_jobs > 1 and rows < self.max_batch:
+                end = time.monotonic() + self.gather_s
+                while rows < self.max_batch and not self._closed and time.monotonic() < end:
+                    self._cv.wait(end - time.monotonic())
+                    batch, rows = self._like_head()
+            taken = set(map(id, batch))
+            self._pending = collections.deque(j for j in self._pending if id(j) not in taken)
+            self._last_jobs = len(batch)
             self.busy = True
             return batch
 

@@ -110,8 +110,12 @@ class PredictorDecoder:
         masks_cache = self.static[:, None, None, sl, :] + self.pad[None]     # [P, B, 1, s, S]
         masks_cache[..., start:] = -1e9                                      # not filled before this step
         masks_new = self.static[:, None, None, sl, sl] + self.pad[None, :, :, :, sl]
+        heads = self.pipe.info["model"]["num_heads"]   # one copy per head: see ppvilg/export.py
+
+        def per_head(m):
+            return np.ascontiguousarray(np.broadcast_to(m, m.shape[:2] + (heads,) + m.shape[3:]), np.float32)
         return start, dict(ids=self.ids[:, sl], kind=self.kind[sl], pos=self.pos[sl],
-                           masks_cache=masks_cache.astype(np.float32), masks_new=masks_new.astype(np.float32),
+                           masks_cache=per_head(masks_cache), masks_new=per_head(masks_new),
                            **dict(zip(self.names, self.cache)))
 
     def _store(self, start, new):

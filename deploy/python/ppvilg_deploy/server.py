@@ -79,9 +79,10 @@ class AnswerRequest(CaptionRequest):
 class ServerSettings:
     """Serving limits (serve.py's flags)."""
 
-    def __init__(self, max_batch=32, max_queue=64, timeout=120.0, max_body_bytes=8 * 1024 * 1024,
-                 max_image_pixels=4096 * 4096, name=None):
-        self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
+    def __init__(self, max_batch=64, max_queue=64, timeout=120.0, max_body_bytes=8 * 1024 * 1024,
+                 max_image_pixels=4096 * 4096, max_n=16, gather_s=0.05, name=None):
+        self.max_batch, self.max_queue, self.timeout, self.max_n = max_batch, max_queue, timeout, max_n
+        self.gather_s = gather_s
         self.max_body_bytes, self.max_image_pixels, self.name = max_body_bytes, max_image_pixels, name
 
 
@@ -110,7 +111,7 @@ class Service:
         self.pipe, self.settings = pipe, settings
         self.text_len = pipe.seq.text_len
         self.batcher = Batcher({"generate": self._generate, "caption": self._caption, "answer": self._answer},
-                               settings.max_batch, settings.max_queue, start=start)
+                               settings.max_batch, settings.max_queue, settings.gather_s, start=start)
         self.languages = _languages(pipe.seq.tok)
         self._unique = 0
 
@@ -323,7 +324,7 @@ def create_app(pipe, settings=None):
             "text_len": m["text_len"], "text_vocab_size": info["tokenizer"]["vocab_size"],
             "languages": service.languages, "reconstructor": pipe.reconstructor,
             "sampler": pipe.sampler.to_dict(),
-            "serving": {"max_batch": settings.max_batch, "max_queue": settings.max_queue,
+            "serving": {"max_n": settings.max_n, "max_batch": settings.max_batch, "gather_s": settings.gather_s, "max_queue": settings.max_queue,
                         "timeout_s": settings.timeout, "max_body_bytes": settings.max_body_bytes,
                         "max_image_pixels": settings.max_image_pixels}}]}
 
@@ -332,8 +333,8 @@ def create_app(pipe, settings=None):
         req, _ = await _parse(request, GenerationRequest, limit)
         st = service.sampler(candidates=req.n, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                              cfg_scale=req.cfg_scale, decoding=req.decoding, sjd_window=req.sjd_window)
-        if st.candidates > settings.max_batch:
-            raise RequestError(400, f"'n' must be <= {settings.max_batch} (--max-batch), got {st.candidates}", "n")
+        if st.candidates > settings.max_n:
+            raise RequestError(400, f"'n' must be <= {settings.max_n} (--max-n), got {st.candidates}", "n")
         service.check_text(req.prompt, "prompt")
         seed = req.seed if req.seed is not None else secrets.randbelow(2 ** 31)
         images, scores = await service.run(*service.generation_job(req.prompt, seed, st, req.rerank))
