@@ -32,7 +32,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ppvilg_deploy.batching import Batcher, JobTimeout, QueueFull
-from ppvilg_deploy.decoding import SamplerSettings
 from ppvilg_deploy.images import BadImageError, decode_image
 from ppvilg_deploy.tokenizer import TextTooLongError
 
