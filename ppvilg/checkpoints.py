@@ -440,6 +440,37 @@ def read_weights_file(path, what):
         raise CheckpointError(f"{what}: {path} is not a valid safetensors file ({e})") from None
 
 
+ADAPTER_FORMAT = "ppvilg-lora/1"
+
+
+def write_adapter(path, tensors, info):
+    """LoRA adapters on their own (tools/lora.py extract): a safetensors file of the `...lora_A` / `...lora_B`
+    tensors whose metadata holds the format and `info` (rank, alpha, targets, the base model's sizes) as JSON;
+    written atomically."""
+    meta = {"format": ADAPTER_FORMAT, "info": json.dumps(info, sort_keys=True)}
+    data = st_save({k: np.ascontiguousarray(_numpy(v)) for k, v in tensors.items()}, metadata=meta)
+    tmp = path + ".partial"
+    _write(tmp, data)
+    os.replace(tmp, path)
+
+
+def read_adapter(path):
+    """(tensors, info) of a file from write_adapter; anything else is a CheckpointError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no adapter file")
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "np") as f:
+            meta = f.metadata() or {}
+        tensors = read_weights_file(path, "adapter")
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: not a ppvilg LoRA adapter file (format {meta.get('format')!r}, expected "
+                              f"{ADAPTER_FORMAT!r}; write one with tools/lora.py extract)")
+    return tensors, json.loads(meta["info"])
+
+
 def set_state_strict(layer, state, origin):
     """Load `state` into `layer`; a missing or unexpected parameter or a shape mismatch is an error naming
     it and `origin` (the file or folder it came from)."""

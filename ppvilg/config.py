@@ -73,6 +73,9 @@ GENERIC_SECTIONS = {
         "eval_every": 500,        # 0: only at the end
         "save_every": 500,        # 0: only at the end
         "keep_checkpoints": 2,
+        "trainable": [],          # fine-tuning: globs over parameter names (model.blocks.*.attn.*); non-empty:
+                                  # only these train (with LoRA: these train besides the adapters)
+        "frozen": [],             # globs of parameters that never train (applied after `trainable`)
         "vdl": True,              # VisualDL scalars and image grids under output_dir/vdl
         "amp": {"enable": False, "dtype": "float16", "level": "O1", "init_loss_scaling": 32768.0},
     },
@@ -360,7 +363,8 @@ def validate_and_derive(cfg, origin):
         if isinstance(value, bool) or key in ("name", "preset"):
             continue
         if isinstance(value, int):
-            check_range(value, f"Model.{key}", 1, origin=origin)
+            zero = {"lora_rank": "no adapters"}.get(key)   # counts where 0 means "none"
+            check_range(value, f"Model.{key}", 0 if zero else 1, zero=zero, origin=origin)
         elif isinstance(value, float):
             check_range(value, f"Model.{key}", 0, origin=origin)
     t = cfg.Train

@@ -63,7 +63,8 @@ def test_tokenize_shards_resume_after_interruption(tiny_run, tmp_path):
     a, b = CodeShards(str(full)), CodeShards(str(part))
     assert len(a) == len(b) == 21 and (a.codes == b.codes).all() and a.text == b.text
     item = a.item(20)
-    assert item["index"] == 20 and set(item["meta"]) == {"color", "shape", "position", "size"}
+    assert item["index"] == 20 and set(item["meta"]) == {"color", "shape", "position", "size", "qa"}
+    assert item["meta"]["qa"] == build_dataset(cfg.Data.train, 16).qa(20) and len(item["meta"]["qa"]) == 12
     x = paddle.to_tensor(build_dataset(cfg.Data.train, 16)[20]["image"][None])
     assert (model.encode(x).numpy()[0] == item["codes"]).all()
     other = load_config(TINY, [f"Global.output_dir={tiny_run}", "Data.train.num_samples=5"])

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from ppvilg.config import load_config  # noqa: E402
 from ppvilg.data.datasets import build_dataset  # noqa: E402
 from ppvilg.data.images import to_uint8_image  # noqa: E402
+from ppvilg.data.shapes import ATTRIBUTES  # noqa: E402
 from ppvilg.data.shards import CodeShards  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
 from ppvilg.engine.trainer import Trainer  # noqa: E402
@@ -88,7 +89,8 @@ def main(argv=None):
     held = CodeShards(a.heldout)
     n = min(a.prompts, len(held))
     items = [held.item(i) for i in range(n)]
-    prompts, truth = [it["text"] for it in items], [it["meta"] for it in items]
+    prompts = [it["text"] for it in items]
+    truth = [{a: it["meta"][a] for a in ATTRIBUTES} for it in items]
     real_codes = np.stack([it["codes"] for it in items])[:, None]
     two = ViLGInference.from_checkpoint(os.path.join(a.out, "two_stage"))
     e2e = ViLGInference.from_checkpoint(os.path.join(a.out, "end_to_end"))

@@ -3,12 +3,16 @@
   python tools/shapes_report.py -c configs/demo/vilg_shapes.yaml [-o Global.checkpoint=...] [--split test|dev]
 
 The items are the shapes `test` split (default) or `dev` split: attribute combinations never seen in training,
-disjoint between the two (ppvilg/data/shapes.py). Every setting (learning rate, steps, sampler) is chosen on
+disjoint between the two (ppvilg/data/shapes.py); `novel_test` holds the fine-tuning recipe's new shape (the
+images are then read telling four shapes apart). Every setting (learning rate, steps, sampler) is chosen on
 `dev`; `test` is scored once per change. Text->image: each item's caption (a quarter in unseen phrasings) is a
 prompt; candidates are sampled, reranked by the model's own image->text likelihood, and the best is read back
 by the OpenCV shapes reader (colour, shape, position, size). Image->text: each item's image is encoded by the
 image tokenizer and captioned; the caption's attribute words are read back, and BLEU-4 / CIDEr / ROUGE-L are
-computed against every template phrasing of the true attributes (Chinese and English). Accuracies come with
+computed against every template phrasing of the true attributes (Chinese and English). VQA: each item's image
+is asked one question in the item's language, the types in turn (colour, shape, position, size, yes/no with
+yes and no answers alternating), and the answer must match exactly (lower case, spaces and punctuation
+ignored): `vqa_accuracy` overall and per type. Accuracies come with
 95% intervals (Wilson for rates, a percentile bootstrap over prompts for the mean attribute accuracy). The
 sampler is the checkpoint's Eval section unless a flag changes it. Writes <out>/report.json, <out>/t2i/*.png
 and <out>/t2i_grid.png.
@@ -26,7 +30,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ppvilg.data.images import make_grid, write_png  # noqa: E402
-from ppvilg.data.shapes import ATTRIBUTES, TEMPLATES, ShapesPairs, caption  # noqa: E402
+from ppvilg.data.shapes import ALL_SHAPES, ATTRIBUTES, QUESTION_TYPES, SHAPES, TEMPLATES, ShapesPairs, caption, normalize_answer  # noqa: E402
 from ppvilg.metrics.captions import caption_scores  # noqa: E402
 from ppvilg.metrics.recon import psnr  # noqa: E402
 from ppvilg.metrics.shapes_reader import attribute_accuracy, read_caption, read_image  # noqa: E402
@@ -63,6 +67,16 @@ def score(read, truth):
     return acc, per, float(np.mean(all_ok)), intervals
 
 
+def report_questions(items):
+    """One question per item: the types in turn, in the item's language; yes/no alternating yes and no."""
+    out = []
+    for k, it in enumerate(items):
+        kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
+        of_kind = [q for q in it["qa"] if q["type"] == kind and q["lang"] == it["lang"]]
+        out.append(of_kind[(k // len(QUESTION_TYPES)) % len(of_kind)])
+    return out
+
+
 def references(attrs):
     return [caption(attrs, lang, t) for split in TEMPLATES.values() for lang, ts in split.items() for t in ts]
 
@@ -70,8 +84,9 @@ def references(attrs):
 def main(argv=None):
     p = config_parser(__doc__)
     p.add_argument("--out", default="output/demo", help="folder for report.json and the images")
-    p.add_argument("--split", default="test", choices=["test", "dev"],
-                   help="test: the report; dev: where settings are chosen")
+    p.add_argument("--split", default="test", choices=["test", "dev", "novel_test"],
+                   help="test: the report; dev: where settings are chosen; novel_test: the fine-tuning recipe's "
+                        "new shape")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--seed-data", type=int, default=0, help="the shapes generator's seed for the items")
     add_sampler_arguments(p, "the checkpoint's Eval section")
@@ -99,7 +114,8 @@ def main(argv=None):
                                                truncate=True)
     t_t2i = time.time() - t0
     best = images[:, 0]
-    read = [read_image(im) for im in best]
+    shapes = tuple(ALL_SHAPES) if args.split.startswith("novel") else tuple(SHAPES)
+    read = [read_image(im, shapes=shapes) for im in best]
     t2i_acc, t2i_per, t2i_all, t2i_ci = score(read, truth)
     os.makedirs(os.path.join(args.out, "t2i"), exist_ok=True)
     for k, im in enumerate(best):
@@ -115,6 +131,16 @@ def main(argv=None):
     cap_acc, cap_per, cap_all, cap_ci = score(cap_read, truth)
     metrics = caption_scores({i: references(t) for i, t in enumerate(truth)},
                              {i: c["text"] for i, c in enumerate(caps)})
+    t0 = time.time()
+    asked = report_questions(items)
+    answers = vilg.gen.image_to_text(real_codes, sampler, question=[q["question"] for q in asked])
+    t_vqa = time.time() - t0
+    right = [normalize_answer(a["text"]) == normalize_answer(q["answer"]) for a, q in zip(answers, asked)]
+    vqa_per_type = {kind: float(np.mean([r for r, q in zip(right, asked) if q["type"] == kind]))
+                    for kind in QUESTION_TYPES}
+    vqa_ci = {"accuracy": proportion_interval(sum(right), n),
+              **{kind: proportion_interval(sum(r for r, q in zip(right, asked) if q["type"] == kind),
+                                           sum(q["type"] == kind for q in asked)) for kind in QUESTION_TYPES}}
     # the image tokenizer's reconstruction PSNR on the same images (what stage 2 can at best reproduce)
     vq_psnr = psnr(real, list(np.concatenate([vilg.decode(real_codes[s:s + 64]) for s in range(0, n, 64)])))
     report = {
@@ -123,15 +149,17 @@ def main(argv=None):
         "t2i_all_attributes_correct": t2i_all, "t2i_all_correct": t2i_all,
         "caption_attribute_accuracy": cap_acc, "caption_per_attribute": cap_per, "caption_all_correct": cap_all,
         "caption_bleu4": metrics["bleu4"], "caption_cider": metrics["cider"], "caption_rouge_l": metrics["rouge_l"],
+        "vqa_accuracy": float(np.mean(right)), "vqa_per_type": vqa_per_type,
         "vq_psnr": vq_psnr,
-        "intervals": {"t2i": t2i_ci, "caption": cap_ci, "confidence": 0.95},
+        "intervals": {"t2i": t2i_ci, "caption": cap_ci, "vqa": vqa_ci, "confidence": 0.95},
         "num_prompts": n, "truncated_prompts": cut, "first_item": 0, "candidates": sampler.candidates, "sampler": sampler.to_dict(),
         "sampling": {"temperature": sampler.temperature, "top_k": sampler.top_k, "cfg_scale": sampler.cfg_scale,
                      "seed": sampler.seed},
         "caption_decoding": {"method": sampler.caption_method, "beam_size": sampler.beam_size},
-        "seconds": {"text_to_image": round(t_t2i, 2), "image_to_text": round(t_i2t, 2)},
+        "seconds": {"text_to_image": round(t_t2i, 2), "image_to_text": round(t_i2t, 2), "vqa": round(t_vqa, 2)},
         "checkpoint": vilg.folder,
-        "examples": [{"prompt": prompts[k], "read_back": read[k], "caption": caps[k]["text"], "truth": truth[k]}
+        "examples": [{"prompt": prompts[k], "read_back": read[k], "caption": caps[k]["text"], "truth": truth[k],
+                      "question": asked[k]["question"], "answer": answers[k]["text"], "expected": asked[k]["answer"]}
                      for k in range(min(8, n))],
         "images": os.path.abspath(os.path.join(args.out, "t2i")),
     }
@@ -144,6 +172,8 @@ def main(argv=None):
     print(f"caption attribute accuracy:     {cap_acc:.3f} {ci['caption']['attribute_accuracy']}  all correct: "
           f"{cap_all:.3f} {ci['caption']['all_correct']}  {cap_per}")
     print(f"caption BLEU-4 {metrics['bleu4']:.3f}  CIDEr {metrics['cider']:.3f}  ROUGE-L {metrics['rouge_l']:.3f}")
+    print(f"VQA exact-match accuracy:       {report['vqa_accuracy']:.3f} {ci['vqa']['accuracy']}  "
+          f"{ {k: round(v, 3) for k, v in vqa_per_type.items()} }")
     print(f"VQ PSNR ({args.split}): {vq_psnr:.2f} dB")
     print(f"images: {report['images']}  report: {os.path.join(args.out, 'report.json')}")
 

@@ -77,6 +77,14 @@ class PairDataset(paddle.io.Dataset):
     def __len__(self):
         return self.n
 
+    def qa(self, i):
+        """The questions about item i and their answers: [{"question", "answer", "type"?, ...}] (VQA), or []."""
+        if self.shapes is not None:
+            return self.shapes.questions(i)
+        if self.pairs is not None:
+            return self.pairs[i].qa
+        return list(self.meta(i).get("qa", []))
+
     def meta(self, i):
         """What the source knows about item i beyond its text (JSON-able: shapes attributes, manifest fields)."""
         if self.shards is not None:
@@ -104,23 +112,25 @@ class PairDataset(paddle.io.Dataset):
 
     def _item(self, i):
         if self.shards is not None:
-            return {"codes": self.shards.codes[i], "text": self.shards.text[i], "index": i}
+            return {"codes": self.shards.codes[i], "text": self.shards.text[i], "index": i, "qa": self.qa(i)}
         if self.shapes is not None:
             item = self.shapes.item(i)
-            return {"image": to_tensor_array(item["image"]), "text": item["text"], "index": i}
+            return {"image": to_tensor_array(item["image"]), "text": item["text"], "index": i, "qa": item["qa"]}
         pair = self.pairs[i]
         img = resize_center_crop(read_image(pair.image, self.max_pixels, self.max_bytes), self.image_size)
-        return {"image": to_tensor_array(img), "text": pair.text, "index": i}
+        return {"image": to_tensor_array(img), "text": pair.text, "index": i, "qa": pair.qa}
 
 
 def collate_pairs(items):
-    """Items -> a batch: {"text", "index", "image" or "codes", "skipped": [message], "skipped_index": [i],
-    "errors": [message]}. Never raises (it may run in a loader thread): a failure becomes an error entry."""
+    """Items -> a batch: {"text", "index", "qa" (each item's questions), "image" or "codes", "skipped": [message],
+    "skipped_index": [i], "errors": [message]}. Never raises (it may run in a loader thread): a failure becomes an
+    error entry."""
     good = [it for it in items if "skipped" not in it and "error" not in it]
     batch = {"skipped": [it["skipped"] for it in items if "skipped" in it],
              "skipped_index": [it["index"] for it in items if "skipped" in it],
              "errors": [it["error"] for it in items if "error" in it],
              "text": [it["text"] for it in good],
+             "qa": [it.get("qa", []) for it in good],
              "index": np.array([it["index"] for it in good], np.int64)}
     try:
         for key in ("image", "codes"):

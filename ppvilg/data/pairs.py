@@ -4,7 +4,10 @@ Manifest formats (relative image paths are resolved against the manifest's folde
 a path that leaves it - `../`, an absolute path elsewhere, a symlink out - is skipped naming the line, unless
 `allow_outside=True` (Data.<split>.allow_outside_paths)):
 - JSONL: one object per line with "image" and "text" (also accepted: "caption"); other keys are kept as meta.
-- TSV: a header line naming at least the columns `image` and `text`, then one pair per line.
+  Questions about the image (generative VQA) ride along: "question" and "answer" (strings, or lists of equal
+  length), or "qa": [{"question": ..., "answer": ...}, ...]; optional "type" per question for per-type scores.
+- TSV: a header line naming at least the columns `image` and `text`, then one pair per line (optional columns
+  `question` and `answer`: one question per line).
 COCO captions JSON (2014/2017): {"images": [{id, file_name}], "annotations": [{image_id, caption}]}; images
 are looked up under `image_root` (default: the JSON's folder). One pair per caption.
 A malformed line (invalid UTF-8 or JSON, missing or non-string fields, wrong column count) is an error naming
@@ -27,6 +30,38 @@ class Pair:
     image: str
     text: str
     meta: dict = field(default_factory=dict)
+
+    @property
+    def qa(self):
+        """The questions about the image: [{"question", "answer", "type"?}] (checked when the line was read)."""
+        return qa_from_meta(self.meta)
+
+
+def qa_from_meta(meta):
+    """A pair's questions and answers from its meta fields (see the module doc) -> list of dicts(question,
+    answer[, type]); ValueError saying what is wrong."""
+    if "qa" in meta:
+        items = meta["qa"]
+        if not isinstance(items, list):
+            raise ValueError(f"'qa' must be a list of question-answer objects, got {type(items).__name__}")
+    elif "question" in meta or "answer" in meta:
+        q, a = meta.get("question"), meta.get("answer")
+        if isinstance(q, str) and isinstance(a, str):
+            q, a = [q], [a]
+        if not (isinstance(q, list) and isinstance(a, list) and len(q) == len(a)):
+            raise ValueError("'question' and 'answer' must both be strings, or lists of the same length")
+        items = [{"question": x, "answer": y} for x, y in zip(q, a)]
+    else:
+        return []
+    out = []
+    for k, it in enumerate(items):
+        if not isinstance(it, dict) or not isinstance(it.get("question"), str) or not isinstance(it.get("answer"), str):
+            raise ValueError(f"question {k}: expected an object with string 'question' and 'answer', got {it!r}")
+        if not it["question"].strip() or not it["answer"].strip():
+            raise ValueError(f"question {k}: empty question or answer")
+        out.append({"question": it["question"].strip(), "answer": it["answer"].strip(),
+                    **({"type": str(it["type"])} if "type" in it else {})})
+    return out
 
 
 # the reason of a skipped line (the text after "file:line: ") -> its category (tools/check_data.py groups by it)
@@ -64,7 +99,13 @@ class _Lines:
         self.skipped.append(msg)
 
     def pair(self, n, image, text, meta):
-        """The Pair of line n, or None (recorded) for an empty caption or an image path outside the folder."""
+        """The Pair of line n, or None (recorded) for an empty caption, an image path outside the folder, or
+        (a bad line) malformed questions."""
+        try:
+            qa_from_meta(meta)
+        except ValueError as e:
+            self.bad(n, str(e))
+            return None
         if not text.strip():
             self.skipped.append(f"{self.path}:{n}: empty caption")
             return None

@@ -8,7 +8,9 @@ those triples (every single attribute value still occurs in training, only the c
 disjoint items too; `heldout` is their union. Captions come from templates; the held-out splits also use
 templates never seen in training. Sample i of a split is a
 pure function of (seed, split, i), so any subset can be regenerated exactly, and because the generator knows
-the ground truth, `ppvilg.metrics.shapes_reader` can score images and captions exactly.
+the ground truth, `ppvilg.metrics.shapes_reader` can score images and captions exactly. Each item also comes with
+questions about it in Chinese and English and their exact answers (`questions`: colour, shape, position, size
+and yes/no questions about a colour-shape pair, true or not), for generative VQA.
 """
 import itertools
 
@@ -24,6 +26,9 @@ COLORS = {  # name: (RGB, zh)
     "cyan": ((30, 220, 230), "青色"),
 }
 SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+# never in the built-in train / held-out splits: the new concept of the fine-tuning recipe (configs/demo/finetune_*)
+NOVEL_SHAPES = {"diamond": "菱形"}
+ALL_SHAPES = {**SHAPES, **NOVEL_SHAPES}
 POSITIONS = {  # name: (row, col, zh) on a 3x3 grid
     "top left": (0, 0, "左上角"), "top": (0, 1, "上方"), "top right": (0, 2, "右上角"),
     "left": (1, 0, "左边"), "center": (1, 1, "中间"), "right": (1, 2, "右边"),
@@ -48,6 +53,17 @@ TEMPLATES = {
 
 ATTRIBUTES = ("color", "shape", "position", "size")
 
+# question type -> {lang: question template}; answers are the attribute's words (yes/no: 有/没有, yes/no)
+QUESTIONS = {
+    "color": {"zh": "这个图形是什么颜色?", "en": "what color is the shape?"},
+    "shape": {"zh": "这是什么形状?", "en": "what shape is it?"},
+    "position": {"zh": "图形在哪里?", "en": "where is the shape?"},
+    "size": {"zh": "它是大还是小?", "en": "is it large or small?"},
+    "yesno": {"zh": "图中有{color}{shape}吗?", "en": "is there a {color} {shape}?"},
+}
+QUESTION_TYPES = tuple(QUESTIONS)
+YES_NO = {"zh": ("有", "没有"), "en": ("yes", "no")}
+
 
 def _triples():
     return list(itertools.product(range(len(COLORS)), range(len(SHAPES)), range(len(POSITIONS))))
@@ -58,12 +74,18 @@ def is_heldout(ci, si, pi):
     return (ci + 2 * si + 4 * pi) % 9 == 0
 
 
-SPLITS = ("train", "heldout", "dev", "test")
+SPLITS = ("train", "heldout", "dev", "test", "novel_train", "novel_test")
 
 
 def split_triples(split):
+    """(colour, shape, position) index triples of a split; shape indices count ALL_SHAPES. The novel splits
+    draw only the novel shapes, a third of their (colour, position) pairs kept for novel_test."""
     if split not in SPLITS:
         raise ValueError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split.startswith("novel"):
+        novel = [(ci, len(SHAPES) + k, pi) for ci in range(len(COLORS)) for k in range(len(NOVEL_SHAPES))
+                 for pi in range(len(POSITIONS))]
+        return [t for t in novel if ((t[0] + t[2]) % 3 == 0) == (split == "novel_test")]
     if split == "train":
         return [t for t in _triples() if not is_heldout(*t)]
     held = [t for t in _triples() if is_heldout(*t)]
@@ -96,6 +118,9 @@ def render(attrs, size_px=32, jitter=(0.0, 0.0)):
     else:
         if attrs["shape"] == "square":
             pts = [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+        elif attrs["shape"] == "diamond":
+            h = r * 1.3
+            pts = [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
         else:
             h = r * 1.15
             pts = [(cx, cy - h), (cx + h, cy + 0.8 * h), (cx - h, cy + 0.8 * h)]
@@ -109,7 +134,34 @@ def caption(attrs, lang, template):
         return template.format(size=attrs["size"], color=attrs["color"], shape=attrs["shape"],
                                position=attrs["position"])
     return template.format(size=SIZES[attrs["size"]], color=COLORS[attrs["color"]][1],
-                           shape=SHAPES[attrs["shape"]], position=POSITIONS[attrs["position"]][2])
+                           shape=ALL_SHAPES[attrs["shape"]], position=POSITIONS[attrs["position"]][2])
+
+
+def _word(attr, value, lang):
+    if lang == "en":
+        return value
+    return {"color": lambda v: COLORS[v][1], "shape": ALL_SHAPES.get, "position": lambda v: POSITIONS[v][2],
+            "size": SIZES.get}[attr](value)
+
+
+def questions(attrs, other):
+    """Every question about a shape with attributes `attrs`, in both languages: a list of dicts(question,
+    answer, type, lang). `other`: a (colour, shape) pair that differs from the item's, for the yes/no question
+    whose answer is no (the one whose answer is yes asks about the item's own pair)."""
+    out = []
+    for lang in ("zh", "en"):
+        for kind in ("color", "shape", "position", "size"):
+            out.append({"question": QUESTIONS[kind][lang], "answer": _word(kind, attrs[kind], lang), "type": kind,
+                        "lang": lang})
+        for (color, shape), answer in (((attrs["color"], attrs["shape"]), YES_NO[lang][0]), (other, YES_NO[lang][1])):
+            q = QUESTIONS["yesno"][lang].format(color=_word("color", color, lang), shape=_word("shape", shape, lang))
+            out.append({"question": q, "answer": answer, "type": "yesno", "lang": lang})
+    return out
+
+
+def normalize_answer(text):
+    """Exact-match form of an answer: lower case, no spaces or punctuation."""
+    return "".join(ch for ch in str(text).lower() if ch.isalnum())
 
 
 class ShapesPairs:
@@ -121,7 +173,7 @@ class ShapesPairs:
         self.triples = split_triples(split)
         self.langs = ["zh", "en"] if lang == "both" else [lang]
         templates = TEMPLATES["train"]
-        if split != "train":  # held-out prompts mix unseen and seen phrasings
+        if split in ("heldout", "dev", "test"):  # held-out prompts mix unseen and seen phrasings
             templates = {k: TEMPLATES["heldout"][k] + TEMPLATES["train"][k] for k in ("en", "zh")}
         self.templates = templates
 
@@ -131,7 +183,7 @@ class ShapesPairs:
     def attrs(self, i):
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
         ci, si, pi = self.triples[i % len(self.triples)]
-        return rng, {"color": list(COLORS)[ci], "shape": list(SHAPES)[si],
+        return rng, {"color": list(COLORS)[ci], "shape": list(ALL_SHAPES)[si],
                      "position": list(POSITIONS)[pi], "size": list(SIZES)[(i // len(self.triples)) % 2]}
 
     def item(self, i):
@@ -142,4 +194,17 @@ class ShapesPairs:
         lang = self.langs[int(rng.integers(len(self.langs)))]
         tpl = self.templates[lang][int(rng.integers(len(self.templates[lang])))]
         return {"image": render(attrs, self.image_size, tuple(jitter)), "text": caption(attrs, lang, tpl),
-                "attrs": attrs, "lang": lang, "id": f"shapes-{self.split}-{i}"}
+                "attrs": attrs, "lang": lang, "id": f"shapes-{self.split}-{i}", "qa": self.questions(i)}
+
+    def questions(self, i):
+        """The questions about item i and their answers (see `questions`); the 'no' yes/no question asks about
+        another colour (even i) or shape (odd i) than the item's."""
+        _, attrs = self.attrs(i)
+        colors, shapes = list(COLORS), list(SHAPES) + [s for s in NOVEL_SHAPES if s == attrs["shape"]]
+        if i % 2 == 0:
+            other = (colors[(colors.index(attrs["color"]) + 1 + i // 2 % (len(colors) - 1)) % len(colors)],
+                     attrs["shape"])
+        else:
+            other = (attrs["color"], shapes[(shapes.index(attrs["shape"]) + 1 + i // 2 % (len(shapes) - 1))
+                                            % len(shapes)])
+        return questions(attrs, other)

@@ -95,7 +95,8 @@ def tokenize_to_shards(model, checkpoint, dataset, out, shard_size, batch_size, 
                 codes.append(model.encode(batch["image"]).numpy().astype(np.int32))
                 idx += ids
                 texts += batch["text"]
-                metas += [dataset.meta(i) for i in ids]
+                metas += [dict(dataset.meta(i), qa=dataset.qa(i)) if dataset.qa(i) else dataset.meta(i)
+                          for i in ids]
             bar.update(len(batch["skipped"]) + len(batch["text"]))
             if consumed >= shard_size:
                 flush()

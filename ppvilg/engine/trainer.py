@@ -17,6 +17,7 @@ from ppvilg.data.datasets import build_dataset, check_batch, image_limits, train
 from ppvilg import checkpoints as ckpt
 from ppvilg.checkpoints import CheckpointError
 from ppvilg.config import save_config
+from ppvilg.models.lora import is_lora
 from ppvilg.utils.runtime import get_logger
 
 
@@ -63,6 +64,42 @@ def rename_optimizer_state(state, mapping):
     return out
 
 
+def select_trainable(params, names, trainable, frozen, log=None):
+    """The parameters of a phase that train. Without patterns: `params` as they are (a LoRA model has set
+    stop_gradient on its base weights, which then get no gradient). With them: those the model leaves trainable,
+    or only those matching `trainable` (globs over structured names, `model.blocks.*.attn.q.weight`) when given -
+    with adapters, these train besides them - minus those matching `frozen`; the others get stop_gradient (no
+    gradient is computed for them) and stay out of the optimizer. A pattern that matches no parameter, or a
+    selection that leaves nothing to train, is an error."""
+    import fnmatch
+    named = [(names[id(p)], p) for p in params]
+    if not trainable and not frozen:   # as the model built them (LoRA: its base weights have stop_gradient)
+        if log is not None and any(is_lora(n) for n, _ in named):
+            n_train = sum(int(p.size) for _, p in named if not p.stop_gradient)
+            log.info(f"fine-tuning the LoRA adapters: {n_train:,} of {sum(int(p.size) for _, p in named):,} "
+                     "parameters")
+        return params
+    for key, globs in (("trainable", trainable), ("frozen", frozen)):
+        for g in globs:
+            if not any(fnmatch.fnmatchcase(n, g) for n, _ in named):
+                raise ValueError(f"Train.{key}: {g!r} matches no parameter (names look like {named[0][0]!r})")
+    base = [p for _, p in named if not p.stop_gradient] if not trainable else []
+    adapters = [p for n, p in named if is_lora(n)]
+    picked = [p for n, p in named if any(fnmatch.fnmatchcase(n, g) for g in trainable)]
+    keep = {id(p) for p in base + adapters + picked}
+    chosen = [p for n, p in named if id(p) in keep and not any(fnmatch.fnmatchcase(n, g) for g in frozen)]
+    ids = {id(p) for p in chosen}
+    for _, p in named:
+        p.stop_gradient = id(p) not in ids
+    if not chosen:
+        raise ValueError("Train.trainable / Train.frozen (and LoRA) leave no parameter to train")
+    if log is not None:
+        total = sum(int(p.size) for _, p in named)
+        log.info(f"fine-tuning {sum(int(p.size) for p in chosen):,} of {total:,} parameters "
+                 f"({len(chosen)} of {len(named)} tensors)")
+    return chosen
+
+
 class Trainer:
     def __init__(self, cfg, task):
         """task: a ppvilg.engine.task_interface.Task, built with this process's ParallelState (task.parallel)."""
@@ -83,7 +120,7 @@ class Trainer:
                       for n, p in layer.named_parameters()}
         self.param_names = {}  # phase -> {run-time name: structured name}
         for phase, (params, extra) in task.phases().items():
-            params = list(params)
+            params = select_trainable(list(params), structured, cfg.Train.trainable, cfg.Train.frozen, self.log)
             self.param_names[phase] = {p.name: structured[id(p)] for p in params}
             lr = cfg.Optimizer.lr * extra.get("lr_scale", 1.0)
             self.scheds[phase] = build_schedule(cfg.Optimizer, cfg.Train.max_steps, lr)

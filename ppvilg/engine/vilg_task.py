@@ -10,6 +10,11 @@ on the fly by the frozen stage-1 image tokenizer named in ImageTokenizer.checkpo
 `Tokenizer` before; that name is accepted in this release with a deprecation message). Optional condition dropout replaces
 a pair's text by the empty text ([SEP] alone) in the text->image direction, so that sampling can use
 classifier-free guidance.
+
+Generative VQA (the paper's third task) trains with Loss.vqa_weight > 0: for the items of a batch that come with
+questions (the shapes demo's, or a manifest's question / answer fields), one of its questions is drawn per step
+(for a Loss.vqa_fraction share of them), and the sequence [codes][question][CLS] answer (image and question as
+the bidirectional source, the answer as the causal target, the same weights) adds vqa_weight * L_vqa.
 """
 import numpy as np
 import paddle
@@ -44,7 +49,7 @@ class PairBatcher:
         self.tok, self.c = tokenizer, config
         self.seq = SequenceBuilder(tokenizer, config.max_text_len, config.grid, config.num_codes)
         lays = direction_layouts(config.max_text_len, config.grid)
-        self.t2i, self.i2t = lays["t2i"], lays["i2t"]
+        self.t2i, self.i2t, self.vqa_layout = lays["t2i"], lays["i2t"], lays["vqa"]
         self.cut_texts = set()
 
     @property
@@ -64,6 +69,30 @@ class PairBatcher:
         """-> (ids, valid, labels: text ids, -100 on padding)."""
         return self.seq.image_to_text(codes, text=self._text(texts))
 
+    def vqa(self, codes, questions, answers):
+        """-> (ids, valid, labels: the answers' ids, -100 elsewhere) of [codes][question][CLS] answer."""
+        return self.seq.image_to_text(codes, text=self._text(answers), question=self._text(questions))
+
+    @staticmethod
+    def pick_questions(qa, uniform=None, fraction=1.0):
+        """Items' question lists -> (rows, questions, answers): one question per item that has any; with
+        `uniform` [B, 2] (random numbers in [0, 1)) the question is drawn and an item takes part with probability
+        `fraction`; without, item k asks its question k mod count (evaluation: deterministic)."""
+        rows, qs, ans = [], [], []
+        for k, items in enumerate(qa):
+            if not items:
+                continue
+            if uniform is None:
+                j = k % len(items)
+            else:
+                if uniform[k, 1] >= fraction:
+                    continue
+                j = min(int(uniform[k, 0] * len(items)), len(items) - 1)
+            rows.append(k)
+            qs.append(items[j]["question"])
+            ans.append(items[j]["answer"])
+        return np.array(rows, np.int64), qs, ans
+
 
 def unigram_entropy(targets, vocab):
     """Cross-entropy (nats) of targets under their own empirical unigram distribution: the best any
@@ -81,6 +110,8 @@ class ViLGTask(Task):
         "Text": {"vocab_file": None},            # None: ppvilg/text/assets/vocab.txt
         "ImageTokenizer": {"checkpoint": None},  # stage-1 checkpoint: encodes images on the fly, decodes codes
         "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0,
+                 "vqa_weight": 0.0,      # generative VQA on the items that come with questions (0: off)
+                 "vqa_fraction": 1.0,    # share of those items that train VQA in a step
                  "end_to_end": False,    # train the E2E reconstructor and, through it, the generator
                  "recon_weight": 1.0,    # weight of the pixel reconstruction loss (the paper: equal weights)
                  "recon": "l2"},         # l2 | l1
@@ -107,6 +138,10 @@ class ViLGTask(Task):
         for _, msg, hint in parallel_layout_errors(model_config(cfg.Model), d.mp_degree, d.pp_degree):
             raise ConfigError(f"{origin}: Distributed (mp_degree {d.mp_degree}, pp_degree {d.pp_degree}): {msg}"
                               + (f" ({hint})" if hint else ""))
+        if cfg.Model.lora_rank < 0 or (cfg.Model.lora_rank > 0 and (d.mp_degree > 1 or d.pp_degree > 1)):
+            raise ConfigError(f"{origin}: Model.lora_rank must be >= 0 (0: no adapters), and adapters train with "
+                              f"mp_degree 1 and pp_degree 1 (got rank {cfg.Model.lora_rank}, mp {d.mp_degree}, pp "
+                              f"{d.pp_degree})")
         if cfg.Model.attention not in ("dense", "sparse"):
             raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
         if cfg.Model.attention_kernel not in ATTENTION_KERNELS:
@@ -116,8 +151,13 @@ class ViLGTask(Task):
             raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
         if not 0.0 <= cfg.Loss.cond_dropout < 1.0:
             raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
-        for key in ("t2i_weight", "i2t_weight", "recon_weight"):
+        for key in ("t2i_weight", "i2t_weight", "recon_weight", "vqa_weight"):
             check_range(cfg.Loss[key], f"Loss.{key}", 0, origin=origin)
+        if not 0.0 < cfg.Loss.vqa_fraction <= 1.0:
+            raise ConfigError(f"{origin}: Loss.vqa_fraction must be in (0, 1], got {cfg.Loss.vqa_fraction}")
+        if cfg.Loss.vqa_weight > 0 and d.pp_degree > 1:
+            raise ConfigError(f"{origin}: Loss.vqa_weight > 0 is not trained through the pipeline schedule yet "
+                              "(pp_degree 1 only)")
         check_range(cfg.Eval.batch_size, "Eval.batch_size", 1, origin=origin)
         check_range(cfg.Eval.num_samples, "Eval.num_samples", 1, origin=origin)
         check_range(cfg.Eval.num_visuals, "Eval.num_visuals", 0, zero="none", origin=origin)
@@ -199,6 +239,11 @@ class ViLGTask(Task):
         super().load_checkpoint_state(name, state, origin)
 
     def load_model_weights(self, full_state, origin):
+        if self.model.config.lora_rank > 0:   # a base checkpoint under new adapters: they keep their start (B = 0)
+            from ppvilg.models.lora import is_lora
+            own = self.model.state_dict()
+            missing = [k for k in own if is_lora(k) and k not in full_state]
+            full_state = dict(full_state, **{k: own[k].numpy() for k in missing})
         par = self.parallel
         mine = convert.split(full_state, self.model.config.num_layers, par.mp, par.pp, par.mp_rank, par.pp_rank)
         self.load_checkpoint_state("model", mine, origin)
@@ -242,32 +287,44 @@ class ViLGTask(Task):
         with paddle.no_grad():
             return self.image_tokenizer.encode(paddle.to_tensor(batch["image"])).numpy()
 
-    def losses(self, codes, texts, drop=None, images=None):
-        """(text->image loss, image->text loss, their label arrays, reconstruction loss or None) for one batch;
-        the reconstruction loss needs the real images [B, 3, H, W] and Loss.end_to_end."""
+    def losses(self, codes, texts, drop=None, images=None, vqa=None):
+        """(text->image loss, image->text loss, their label arrays, VQA loss or None, reconstruction loss or None)
+        for one batch; vqa: (rows, questions, answers) from PairBatcher.pick_questions (rows with none: no VQA
+        loss); the reconstruction loss needs the real images [B, 3, H, W] and Loss.end_to_end."""
         b = self.batcher
         ids1, valid1, lab_img = b.text_to_image(codes, texts, drop)
         ids2, valid2, lab_txt = b.image_to_text(codes, texts)
         t = paddle.to_tensor
         e2e = self.reconstructor is not None and images is not None
-        (_, l_t2i, *hid), (_, l_i2t, *_) = self.train_model(
-            [t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t], [t(lab_img), t(lab_txt)],
-            return_hidden=e2e)  # one call: see ViLG.forward
+        seqs = [[t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t], [t(lab_img), t(lab_txt)]]
+        if vqa is not None and len(vqa[0]):
+            ids3, valid3, lab_vqa = b.vqa(codes[vqa[0]], vqa[1], vqa[2])
+            for part, x in zip(seqs, (t(ids3), valid3, b.vqa_layout, t(lab_vqa))):
+                part.append(x)
+        (_, l_t2i, *hid), (_, l_i2t, *_), *rest = self.train_model(*seqs, return_hidden=e2e)  # one call: see
+        l_vqa = rest[0][1] if rest else None                                                  # ViLG.forward
         l_rec = None
         if e2e:
             x_hat = self.reconstructor(hid[0], self.model.config.grid)
             diff = x_hat - (images if isinstance(images, paddle.Tensor) else paddle.to_tensor(images))
             l_rec = (diff * diff).mean() if self.cfg.Loss.recon == "l2" else diff.abs().mean()
-        return l_t2i, l_i2t, lab_img, lab_txt, l_rec
+        return l_t2i, l_i2t, lab_img, lab_txt, l_vqa, l_rec
 
     def phase_loss(self, phase, batch, step):
         codes = self.codes_of(batch)
         drop = None
         if self.cfg.Loss.cond_dropout > 0:
             drop = (paddle.rand([len(batch["text"])]) < self.cfg.Loss.cond_dropout).numpy()  # paddle RNG: resumable
-        l_t2i, l_i2t, _, _, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"))
+        vqa = None
+        if self.cfg.Loss.vqa_weight > 0 and any(batch.get("qa", [])):
+            draws = paddle.rand([len(batch["text"]), 2]).numpy()      # paddle RNG: resumable
+            vqa = self.batcher.pick_questions(batch["qa"], draws, self.cfg.Loss.vqa_fraction)
+        l_t2i, l_i2t, _, _, l_vqa, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"), vqa)
         loss = self.cfg.Loss.t2i_weight * l_t2i + self.cfg.Loss.i2t_weight * l_i2t
         logs = {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t), "truncated_texts": self.batcher.truncated}
+        if l_vqa is not None:
+            loss = loss + self.cfg.Loss.vqa_weight * l_vqa
+            logs["vqa_loss"] = float(l_vqa)
         if l_rec is not None:
             loss = loss + self.cfg.Loss.recon_weight * l_rec
             logs["recon_loss"] = float(l_rec)
@@ -283,7 +340,13 @@ class ViLGTask(Task):
             if "codes" not in batch and "image" not in batch:
                 continue
             codes = self.codes_of(batch)
-            l_t2i, l_i2t, lab_img, lab_txt, l_rec = self.losses(codes, batch["text"], images=batch.get("image"))
+            vqa = self.batcher.pick_questions(batch.get("qa", [])) if self.cfg.Loss.vqa_weight > 0 else None
+            l_t2i, l_i2t, lab_img, lab_txt, l_vqa, l_rec = self.losses(codes, batch["text"], images=batch.get("image"),
+                                                                       vqa=vqa)
+            if l_vqa is not None:
+                n_ans = int((self.batcher.vqa(codes[vqa[0]], vqa[1], vqa[2])[2] >= 0).sum())
+                sums["vqa"] = sums.get("vqa", 0.0) + float(l_vqa) * n_ans
+                counts["vqa"] = counts.get("vqa", 0) + n_ans
             if l_rec is not None:
                 sums["recon"] = sums.get("recon", 0.0) + float(l_rec) * len(codes)
                 counts["recon"] = counts.get("recon", 0) + len(codes)
@@ -303,6 +366,8 @@ class ViLGTask(Task):
                "i2t_unigram": unigram_entropy(np.concatenate(i2t_targets), c.text_vocab_size)}
         if counts.get("recon"):
             out["recon_loss"] = sums["recon"] / counts["recon"]
+        if counts.get("vqa"):
+            out["vqa_loss"] = sums["vqa"] / counts["vqa"]
         images, texts = self.samples(dataset)
         return out, images, texts
 

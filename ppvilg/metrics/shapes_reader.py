@@ -13,7 +13,7 @@ import re
 import cv2
 import numpy as np
 
-from ppvilg.data.shapes import ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, cell_centre, render
+from ppvilg.data.shapes import ALL_SHAPES, ATTRIBUTES, COLORS, POSITIONS, SHAPES, SIZES, cell_centre, render
 
 
 def _coverage(shape, size, position, jitter, size_px):
@@ -26,8 +26,9 @@ def _centroid(cover):
     return (np.indices(cover.shape)[::-1] * cover).reshape(2, -1).sum(1) / max(cover.sum(), 1e-9)
 
 
-def read_image(rgb, threshold=60):
-    """RGB uint8 HxWx3 -> dict(color, shape, position, size), values None when nothing is found."""
+def read_image(rgb, threshold=60, shapes=tuple(SHAPES)):
+    """RGB uint8 HxWx3 -> dict(color, shape, position, size), values None when nothing is found. `shapes`: the
+    shapes to tell apart (the built-in three; the fine-tuning recipe adds the novel ones)."""
     size_px = rgb.shape[0]
     fg = (rgb.max(axis=2) > threshold).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
@@ -48,7 +49,7 @@ def read_image(rgb, threshold=60):
     centroid = (np.indices(cover.shape)[::-1] * cover).reshape(2, -1).sum(1) / max(area, 1e-9)  # (x, y)
     # shape and size: the best-fitting of the six drawn templates, each moved onto the observed centroid
     best = None
-    for shape in SHAPES:
+    for shape in shapes:
         for size in SIZES:
             t = _coverage(shape, size, "center", (0.0, 0.0), size_px)
             shift = centroid - _centroid(t)
@@ -66,7 +67,8 @@ def read_image(rgb, threshold=60):
 # caption words: English names, Chinese names; positions longest first so "top left" wins over "top"
 _WORDS = {
     "color": {**{c: c for c in COLORS}, **{v[1]: c for c, v in COLORS.items()}, "purple": "magenta"},
-    "shape": {**{s: s for s in SHAPES}, **{v: s for s, v in SHAPES.items()}, "方形": "square", "圆": "circle"},
+    "shape": {**{s: s for s in ALL_SHAPES}, **{v: s for s, v in ALL_SHAPES.items()}, "方形": "square",
+              "圆": "circle"},
     "position": {**{p: p for p in POSITIONS}, **{v[2]: p for p, v in POSITIONS.items()}, "centre": "center",
                  "middle": "center"},
     "size": {**{s: s for s in SIZES}, **{v: s for s, v in SIZES.items()}, "big": "large"},

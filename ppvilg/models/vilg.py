@@ -25,6 +25,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ppvilg.models.lora import add_lora, is_lora
 from ppvilg.models.layout import IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, layer_pattern, pattern_mask
 from ppvilg.registry import MODEL_CONFIGS, MODELS
 
@@ -45,6 +46,10 @@ class ViLGConfig:
     attention_kernel: str = "matmul"  # matmul | sdpa (F.scaled_dot_product_attention: flash / memory-efficient
                                       # kernels on GPU; the same masks, the same result within rounding)
     tie_text_head: bool = False      # share the text embedding with the text output head
+    lora_rank: int = 0               # > 0: LoRA adapters of this rank on the lora_targets (ppvilg/models/lora.py)
+    lora_alpha: float = 16.0         # adapter scale alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn.q,attn.k,attn.v,attn.proj,mlp.0,mlp.2"   # globs over a block's linear layers
 
     PRESETS = {
         "tiny": dict(num_layers=2, hidden_size=64, num_heads=4, max_text_len=16, num_codes=64, grid=8),
@@ -61,7 +66,45 @@ def count_parameters(c: ViLGConfig):
     per_layer = (2 * 2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
     emb = c.text_vocab_size * d + (c.num_codes + 1) * d + c.max_text_len * d + 2 * c.grid * d + 4 * d
     heads = (0 if c.tie_text_head else c.text_vocab_size * d) + c.text_vocab_size + c.num_codes * d + c.num_codes
+    if c.lora_rank > 0:   # A [in, r] + B [r, out] per adapted projection
+        import fnmatch
+        dims = {"attn.q": (d, d), "attn.k": (d, d), "attn.v": (d, d), "attn.proj": (d, d), "mlp.0": (d, f),
+                "mlp.2": (f, d)}
+        globs = [g.strip() for g in c.lora_targets.split(",") if g.strip()]
+        per_layer += sum(c.lora_rank * (i + o) for name, (i, o) in dims.items()
+                         if any(fnmatch.fnmatchcase(name, g) for g in globs))
     return c.num_layers * per_layer + emb + 2 * d + heads
+
+
+def grow_text_vocab(state, new_size, sources):
+    """A ViLG state dict with the text vocabulary grown to `new_size` rows (new words added to vocab.txt):
+    text_emb rows, text_head columns (untied heads) and text_bias entries; the existing rows stay bit-identical.
+    sources: {new id: old ids} - a new row starts as the mean of those rows (the pieces the word was cut into
+    before), or of all rows when the list is empty. numpy in, numpy out."""
+    import numpy as np
+    out = dict(state)
+    old = state["text_emb.weight"].shape[0]
+    if new_size < old:
+        raise ValueError(f"cannot shrink the text vocabulary from {old} to {new_size}")
+
+    def grown(arr, axis):
+        arr = np.asarray(arr)
+        pad = [(0, 0)] * arr.ndim
+        pad[axis] = (0, new_size - arr.shape[axis])
+        g = np.pad(arr, pad)
+        take = (lambda ids: arr.take(ids, axis=axis).mean(axis=axis))
+        for new_id in range(old, new_size):
+            ids = sources.get(new_id) or list(range(old))
+            index = [slice(None)] * arr.ndim
+            index[axis] = new_id
+            g[tuple(index)] = take(ids)
+        return g.astype(arr.dtype)
+
+    out["text_emb.weight"] = grown(state["text_emb.weight"], 0)
+    out["text_bias"] = grown(state["text_bias"], 0)
+    if "text_head.weight" in state:
+        out["text_head.weight"] = grown(state["text_head.weight"], 1)
+    return out
 
 
 # Parameters split under tensor parallel: name pattern -> axis (ColumnParallelLinear weights [in, out/mp] and
@@ -311,6 +354,12 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
         self.blocks = nn.LayerList([Block(c, mp, recompute) for _ in range(c.num_layers)])
         self._build_heads(c, mp, mp_group)
         self.apply(init_layer)
+        if c.lora_rank > 0:   # after the initialisation: the adapters keep their own (B = 0)
+            if mp > 1:
+                raise ValueError("LoRA adapters need mp_degree 1")
+            add_lora(self.blocks, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+            for name, p in self.named_parameters():   # only the adapters train (Train.trainable adds more)
+                p.stop_gradient = not is_lora(name)
 
     # ---- pieces used by forward and by generation ----------------------------------------------------
 

@@ -41,6 +41,14 @@ class TextTokenizer:
             ids = ids[:max_len - 1] + [self.eos_id]
         return ids
 
+    def pieces(self, word):
+        """The vocabulary pieces of one word (WordPiece; [UNK] where none fits)."""
+        return self.tok.tokenize(word)
+
+    def words(self, text):
+        """The words of a text as the tokenizer splits it before WordPiece (every CJK character alone)."""
+        return self.tok.basic_tokenizer.tokenize(text)
+
     def decode(self, ids):
         """ids -> text, stopping at [SEP]; no spaces between CJK characters, spaces between English words."""
         out = []

@@ -1,0 +1,109 @@
+"""Generative VQA training: only answer tokens are trained, questions ride along from the data, the loss is
+the model's own cross-entropy over the answer, and a tiny run learns to answer."""
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from conftest import ROOT
+from ppvilg.config import ConfigError, load_config
+from ppvilg.data.pairs import qa_from_meta, read_jsonl, ManifestError
+from ppvilg.data.shapes import QUESTION_TYPES, ShapesPairs, normalize_answer
+from ppvilg.engine.tasks import build_task
+from ppvilg.engine.trainer import Trainer
+from ppvilg.engine.vilg_task import PairBatcher
+from ppvilg.utils.runtime import seed_everything
+
+TINY = os.path.join(ROOT, "configs/tests/vilg_tiny.yaml")
+
+
+def _cfg(tiny_shards, out, *extra):
+    return load_config(TINY, [f"Global.output_dir={out}", f"Data.train.path={tiny_shards / 'train'}",
+                              f"Data.eval.path={tiny_shards / 'eval'}", "Loss.vqa_weight=1.0", *extra])
+
+
+def test_shapes_questions_have_exact_answers():
+    data = ShapesPairs("train", 40)
+    for i in range(40):
+        _, attrs = data.attrs(i)
+        qa = data.questions(i)
+        assert {q["type"] for q in qa} == set(QUESTION_TYPES) and {q["lang"] for q in qa} == {"zh", "en"}
+        en = {q["type"]: q["answer"] for q in qa if q["lang"] == "en" and q["type"] != "yesno"}
+        assert en == {"color": attrs["color"], "shape": attrs["shape"], "position": attrs["position"],
+                      "size": attrs["size"]}
+        yes = [q for q in qa if q["type"] == "yesno" and q["answer"] in ("yes", "有")]
+        no = [q for q in qa if q["type"] == "yesno" and q["answer"] in ("no", "没有")]
+        assert len(yes) == len(no) == 2
+        assert f"{attrs['color']} {attrs['shape']}" in [q for q in yes if q["lang"] == "en"][0]["question"]
+        assert f"{attrs['color']} {attrs['shape']}" not in [q for q in no if q["lang"] == "en"][0]["question"]
+    assert normalize_answer(" Top-Left! ") == "topleft" and normalize_answer("没有。") == "没有"
+
+
+def test_manifest_questions_are_read_and_bad_ones_name_the_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"image": "a.png", "text": "一只猫", "question": "什么动物", "answer": "猫"}\n'
+                    '{"image": "a.png", "text": "cat", "qa": [{"question": "what?", "answer": "a cat", "type": "what"},'
+                    ' {"question": "how many?", "answer": "one"}]}\n'
+                    '{"image": "a.png", "text": "no questions"}\n', encoding="utf-8")
+    pairs = read_jsonl(str(good))
+    assert [p.qa for p in pairs] == [[{"question": "什么动物", "answer": "猫"}],
+                                     [{"question": "what?", "answer": "a cat", "type": "what"},
+                                      {"question": "how many?", "answer": "one"}], []]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "text": "x"}\n{"image": "a.png", "text": "x", "question": "q", "answer": 3}\n',
+                   encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"bad.jsonl:2: 'question' and 'answer'"):
+        read_jsonl(str(bad))
+    with pytest.raises(ValueError, match="question 0"):
+        qa_from_meta({"qa": [{"question": "q"}]})
+
+
+def test_vqa_loss_is_the_cross_entropy_of_the_answer_tokens_only(tiny_shards, tmp_path):
+    cfg = _cfg(tiny_shards, tmp_path)
+    seed_everything(0)
+    task = build_task(cfg)
+    task.model.eval()
+    b = task.batcher
+    codes = np.random.default_rng(0).integers(0, 64, [2, 8, 8])
+    qs, ans = ["这个图形是什么颜色?", "where is the shape?"], ["红色", "top left"]
+    ids, valid, labels = b.vqa(codes, qs, ans)
+    lay = b.vqa_layout
+    t0 = lay.target_slice().start
+    ans_ids = [task.text_tokenizer.encode(a) for a in ans]
+    for k in range(2):   # labels: exactly the answer's tokens and [SEP]; the answer enters shifted after [CLS]
+        assert labels[k][labels[k] >= 0].tolist() == ans_ids[k]
+        assert ids[k, t0] == task.text_tokenizer.bos_id and ids[k, t0 + 1:t0 + len(ans_ids[k])].tolist() == ans_ids[k][:-1]
+    *_, l_vqa, _ = task.losses(codes, ["红色圆形", "a circle"], vqa=(np.arange(2), qs, ans))
+    logits, _ = task.model(paddle.to_tensor(ids), valid, lay)
+    nll = F.cross_entropy(logits, paddle.to_tensor(labels).unsqueeze(-1), ignore_index=-100, reduction="none")
+    want = float(nll.sum()) / int((labels >= 0).sum())
+    assert float(l_vqa) == pytest.approx(want, rel=1e-5)
+    # the question is part of the source: another question changes the answer's loss
+    *_, other, _ = task.losses(codes, ["红色圆形", "a circle"], vqa=(np.arange(2), ["它是大还是小?"] * 2, ans))
+    assert abs(float(other) - float(l_vqa)) > 1e-4
+
+
+def test_pick_questions_draws_one_per_item_and_respects_the_fraction():
+    qa = [[{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}], [], [{"question": "c", "answer": "3"}]]
+    rows, qs, ans = PairBatcher.pick_questions(qa)
+    assert rows.tolist() == [0, 2] and qs == ["a", "c"] and ans == ["1", "3"]
+    u = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.7]])
+    rows, qs, _ = PairBatcher.pick_questions(qa, u, fraction=0.5)
+    assert rows.tolist() == [0] and qs == ["b"]          # item 2 drew 0.7 >= 0.5: not this step
+    assert PairBatcher.pick_questions(qa, u, fraction=1.0)[0].tolist() == [0, 2]
+
+
+def test_vqa_trains_from_the_shards_questions_and_is_evaluated(tiny_shards, tmp_path):
+    from ppvilg.data.datasets import build_dataset
+    cfg = _cfg(tiny_shards, tmp_path, "Train.max_steps=30", "Train.batch_size=8", "Train.eval_every=30",
+               "Eval.num_visuals=0")
+    seed_everything(0)
+    task = build_task(cfg)
+    before = task.evaluate(build_dataset(cfg.Data.eval, cfg.Data.image_size))[0]["vqa_loss"]
+    metrics = Trainer(cfg, task).fit()
+    assert np.isfinite(metrics["vqa_loss"]) and metrics["vqa_loss"] < before - 1.0, (before, metrics["vqa_loss"])
+    with pytest.raises(ConfigError, match="vqa_fraction"):
+        load_config(TINY, ["Loss.vqa_fraction=0"])
