@@ -180,6 +180,20 @@ def test_text_loss_is_the_mean_over_real_tokens():
     keep = labels >= 0
     want = -np.take_along_axis(logp, np.where(keep, labels, 0)[..., None], -1)[..., 0][keep].mean()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    # training's loss_only path runs the text head on the labelled slots only: the same loss and gradients
+    m.train()
+    grads = []
+    for loss_only in (False, True):
+        m.clear_gradients()
+        out, loss2 = m(paddle.to_tensor(ids), np.ones([2, lay.length], bool), lay, paddle.to_tensor(labels),
+                       loss_only=loss_only)
+        loss2.backward()
+        grads.append({n: p.grad.numpy() for n, p in m.named_parameters() if p.grad is not None})
+        assert (out is None) == loss_only
+        np.testing.assert_allclose(float(loss2), want, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        np.testing.assert_allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, err_msg=n)
 
 
 def test_stage2_resume_with_adamw_and_condition_dropout_equals_uninterrupted(tiny_shards, tmp_path):

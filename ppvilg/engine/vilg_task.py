@@ -301,8 +301,9 @@ class ViLGTask(Task):
             ids3, valid3, lab_vqa = b.vqa(codes[vqa[0]], vqa[1], vqa[2])
             for part, x in zip(seqs, (t(ids3), valid3, b.vqa_layout, t(lab_vqa))):
                 part.append(x)
-        (_, l_t2i, *hid), (_, l_i2t, *_), *rest = self.train_model(*seqs, return_hidden=e2e)  # one call: see
-        l_vqa = rest[0][1] if rest else None                                                  # ViLG.forward
+        (_, l_t2i, *hid), (_, l_i2t, *_), *rest = self.train_model(*seqs, return_hidden=e2e,  # one call: see
+                                                                   loss_only=True)                # ViLG.forward
+        l_vqa = rest[0][1] if rest else None
         l_rec = None
         if e2e:
             x_hat = self.reconstructor(hid[0], self.model.config.grid)

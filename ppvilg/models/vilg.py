@@ -400,17 +400,25 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
             x = block(x, m, kv, start)
         return x
 
-    def forward(self, ids, valid, layout, labels=None, return_hidden=False):
+    def forward(self, ids, valid, layout, labels=None, return_hidden=False, loss_only=False):
         """ids [B, S] int64, valid [B, S] bool (numpy), layout: Layout.
         Returns (logits of the target segment [B, T, V], mean cross-entropy over labels != -100 or None), plus
         the final-LN'd hidden states of the target segment [B, T, D] with return_hidden (the end-to-end
-        reconstructor's input). Lists of ids / valid / layouts / labels run several sequences (e.g. both
-        directions of a batch) in one call and return a list of such results: a data-parallel wrapper then sees
-        one forward per backward."""
+        reconstructor's input). With loss_only (training) a text target's head runs on the labelled slots only
+        and the logits come back as None: a caption or answer fills a fraction of its slots, and the text head
+        over the whole vocabulary is the largest matmul of a step. Lists of ids / valid / layouts / labels run
+        several sequences (e.g. both directions of a batch) in one call and return a list of such results: a
+        data-parallel wrapper then sees one forward per backward."""
         if isinstance(layout, (list, tuple)):
             labels = labels if labels is not None else [None] * len(layout)
-            return [self.forward(*args, return_hidden=return_hidden) for args in zip(ids, valid, layout, labels)]
+            return [self.forward(*args, return_hidden=return_hidden, loss_only=loss_only)
+                    for args in zip(ids, valid, layout, labels)]
         x = self.hidden(ids, valid, layout)[:, layout.target_slice()]
+        if loss_only and labels is not None and layout.kinds[-1] == TEXT_TGT and self.mp == 1:
+            where = paddle.nonzero(labels != -100)                       # [N, 2]: (row, slot) of real tokens
+            logits = self.head(paddle.gather_nd(x, where), TEXT_TGT)     # [N, V]
+            loss = target_loss(logits, paddle.gather_nd(labels, where), TEXT_TGT)
+            return (None, loss, self.ln_f(x)) if return_hidden else (None, loss)
         logits = self.head(x, layout.kinds[-1])
         loss = None if labels is None else self.loss(logits, labels, layout.kinds[-1])
         return (logits, loss, self.ln_f(x)) if return_hidden else (logits, loss)

@@ -1,0 +1,85 @@
+"""Stage-2 training step time on the demo model (the `shapes` preset, random weights), in one run:
+
+  python benchmarks/bench_train.py [--batch 32] [--steps 10] [--threads 2]
+
+Each step is one forward over the batch's sequences (text->image and image->text, and VQA for half the pairs
+when asked), backward and an AdamW update, with the shapes data's own captions, questions and answers. Compared:
+the text head over every target slot (loss_only off) against the head on the labelled slots only (loss_only, what
+training runs), with and without VQA. The last line is one JSON object.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ppvilg.utils.runtime import setup_device  # noqa: E402
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+from ppvilg.data.shapes import ShapesPairs  # noqa: E402
+from ppvilg.engine.vilg_task import PairBatcher  # noqa: E402
+from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
+from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    setup_device("cpu", a.threads)
+    tok = TextTokenizer()
+    c = ViLGConfig(**ViLGConfig.PRESETS["shapes"])
+    paddle.seed(0)
+    model = ViLG(c)
+    opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
+    b = PairBatcher(tok, c)
+    data = ShapesPairs("train", a.batch)
+    items = [data.item(i) for i in range(a.batch)]
+    codes = np.random.default_rng(0).integers(0, c.num_codes, [a.batch, c.grid, c.grid])
+    texts = [it["text"] for it in items]
+    rows, qs, ans = b.pick_questions([it["qa"] for it in items], np.random.default_rng(1).random([a.batch, 2]), 0.5)
+    t = paddle.to_tensor
+    ids1, v1, l1 = b.text_to_image(codes, texts)
+    ids2, v2, l2 = b.image_to_text(codes, texts)
+    ids3, v3, l3 = b.vqa(codes[rows], qs, ans)
+
+    def step(vqa, loss_only):
+        seqs = [[t(ids1), t(ids2)], [v1, v2], [b.t2i, b.i2t], [t(l1), t(l2)]]
+        if vqa:
+            for part, x in zip(seqs, (t(ids3), v3, b.vqa_layout, t(l3))):
+                part.append(x)
+        out = model(*seqs, loss_only=loss_only)
+        loss = sum(o[1] for o in out)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+
+    results = {}
+    for vqa in (False, True):
+        for loss_only in (False, True):
+            step(vqa, loss_only)   # warm-up
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step(vqa, loss_only)
+            ms = (time.perf_counter() - t0) / a.steps * 1e3
+            key = f"{'with_vqa' if vqa else 'two_directions'}_{'loss_only' if loss_only else 'full_head'}_ms"
+            results[key] = ms
+            print(f"{key:<36} {ms:8.1f} ms per step", flush=True)
+    results["loss_only_speedup"] = results["two_directions_full_head_ms"] / results["two_directions_loss_only_ms"]
+    results["loss_only_speedup_with_vqa"] = results["with_vqa_full_head_ms"] / results["with_vqa_loss_only_ms"]
+    results["vqa_cost_loss_only"] = results["with_vqa_loss_only_ms"] / results["two_directions_loss_only_ms"]
+    results.update(batch=a.batch, steps=a.steps, threads=a.threads, vqa_rows=len(rows),
+                   labelled_text_slots=int((l2 >= 0).sum() + (l3 >= 0).sum()),
+                   text_slots=int(l2.size + l3.size))
+    print(f"loss_only: x{results['loss_only_speedup']:.2f} (two directions), x{results['loss_only_speedup_with_vqa']:.2f} "
+          f"(with VQA); VQA for {len(rows)} of {a.batch} pairs costs x{results['vqa_cost_loss_only']:.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
