@@ -96,6 +96,15 @@ def test_pick_questions_draws_one_per_item_and_respects_the_fraction():
     assert PairBatcher.pick_questions(qa, u, fraction=1.0)[0].tolist() == [0, 2]
 
 
+def test_vqa_joins_at_its_start_step(tiny_shards, tmp_path):
+    from ppvilg.data.datasets import build_dataset, eval_batches
+    cfg = _cfg(tiny_shards, tmp_path, "Loss.vqa_start=5")
+    task = build_task(cfg)
+    batch = next(eval_batches(build_dataset(cfg.Data.train, cfg.Data.image_size), 4))
+    assert all(batch["qa"]) and "vqa_loss" not in task.phase_loss("model", batch, 4)[1]
+    assert "vqa_loss" in task.phase_loss("model", batch, 5)[1]
+
+
 def test_vqa_trains_from_the_shards_questions_and_is_evaluated(tiny_shards, tmp_path):
     from ppvilg.data.datasets import build_dataset
     cfg = _cfg(tiny_shards, tmp_path, "Train.max_steps=30", "Train.batch_size=8", "Train.eval_every=30",

@@ -13,8 +13,9 @@ classifier-free guidance.
 
 Generative VQA (the paper's third task) trains with Loss.vqa_weight > 0: for the items of a batch that come with
 questions (the shapes demo's, or a manifest's question / answer fields), one of its questions is drawn per step
-(for a Loss.vqa_fraction share of them), and the sequence [codes][question][CLS] answer (image and question as
-the bidirectional source, the answer as the causal target, the same weights) adds vqa_weight * L_vqa.
+(for a Loss.vqa_fraction share of them, from step Loss.vqa_start on), and the sequence [codes][question][CLS]
+answer (image and question as the bidirectional source, the answer as the causal target, the same weights) adds
+vqa_weight * L_vqa.
 """
 import numpy as np
 import paddle
@@ -112,6 +113,7 @@ class ViLGTask(Task):
         "Loss": {"t2i_weight": 1.0, "i2t_weight": 1.0, "cond_dropout": 0.0,
                  "vqa_weight": 0.0,      # generative VQA on the items that come with questions (0: off)
                  "vqa_fraction": 1.0,    # share of those items that train VQA in a step
+                 "vqa_start": 0,         # the step from which VQA trains (the captions first: see configs/demo)
                  "end_to_end": False,    # train the E2E reconstructor and, through it, the generator
                  "recon_weight": 1.0,    # weight of the pixel reconstruction loss (the paper: equal weights)
                  "recon": "l2"},         # l2 | l1
@@ -151,7 +153,7 @@ class ViLGTask(Task):
             raise ConfigError(f"{origin}: Model.hidden_size must be a multiple of Model.num_heads")
         if not 0.0 <= cfg.Loss.cond_dropout < 1.0:
             raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
-        for key in ("t2i_weight", "i2t_weight", "recon_weight", "vqa_weight"):
+        for key in ("t2i_weight", "i2t_weight", "recon_weight", "vqa_weight", "vqa_start"):
             check_range(cfg.Loss[key], f"Loss.{key}", 0, origin=origin)
         if not 0.0 < cfg.Loss.vqa_fraction <= 1.0:
             raise ConfigError(f"{origin}: Loss.vqa_fraction must be in (0, 1], got {cfg.Loss.vqa_fraction}")
@@ -317,7 +319,7 @@ class ViLGTask(Task):
         if self.cfg.Loss.cond_dropout > 0:
             drop = (paddle.rand([len(batch["text"])]) < self.cfg.Loss.cond_dropout).numpy()  # paddle RNG: resumable
         vqa = None
-        if self.cfg.Loss.vqa_weight > 0 and any(batch.get("qa", [])):
+        if self.cfg.Loss.vqa_weight > 0 and step >= self.cfg.Loss.vqa_start and any(batch.get("qa", [])):
             draws = paddle.rand([len(batch["text"]), 2]).numpy()      # paddle RNG: resumable
             vqa = self.batcher.pick_questions(batch["qa"], draws, self.cfg.Loss.vqa_fraction)
         l_t2i, l_i2t, _, _, l_vqa, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"), vqa)
