@@ -305,6 +305,8 @@ def _rename_sections(raw, renamed, origin):
         raw[new] = raw.pop(old)
 
 
+# the built-in shapes splits (ppvilg.data.shapes.SPLITS, which tests/test_config.py checks this against)
+SHAPES_SPLITS = ("train", "heldout", "dev", "test", "novel_train", "novel_test")
 POSITIVE = 1e-30   # as the lowest allowed value: "> 0"
 
 # (key, lowest allowed, highest allowed or None, what 0 means where 0 is allowed)
@@ -392,8 +394,8 @@ def validate_and_derive(cfg, origin):
             raise ConfigError(f"{origin}: Data.{split}.image_root is required for source '{d.source}'")
         if d.source != "shapes" and not d.path:
             raise ConfigError(f"{origin}: Data.{split}.path is required for source '{d.source}'")
-        if d.source == "shapes" and d.split not in ("train", "heldout", "dev", "test"):
-            raise ConfigError(f"{origin}: Data.{split}.split must be train, dev, test or heldout for shapes, "
+        if d.source == "shapes" and d.split not in SHAPES_SPLITS:
+            raise ConfigError(f"{origin}: Data.{split}.split must be one of {', '.join(SHAPES_SPLITS)} for shapes, "
                               f"got {d.split!r}")
         if d.lang not in ("zh", "en", "both"):
             raise ConfigError(f"{origin}: Data.{split}.lang must be zh, en or both, got {d.lang!r}")

@@ -141,3 +141,12 @@ def test_config_without_registered_tasks_says_what_to_import():
 def test_numbers_out_of_range_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, [override])
+
+
+def test_the_shapes_splits_the_config_accepts_are_the_generators():
+    from ppvilg.config import SHAPES_SPLITS
+    from ppvilg.data.shapes import SPLITS
+    assert SHAPES_SPLITS == SPLITS
+    for name in ("finetune_diamond_lora", "finetune_diamond_full"):
+        cfg = load_config(os.path.join(ROOT, "configs", "demo", f"{name}.yaml"))
+        assert cfg.Data.train.split == "novel_train" and cfg.Loss.vqa_start == 0

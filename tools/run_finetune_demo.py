@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA, FULL = "configs/demo/finetune_diamond_lora.yaml", "configs/demo/finetune_diamond_full.yaml"
 
@@ -38,10 +40,12 @@ def main(argv=None):
     p.add_argument("--num-prompts", type=int, default=256, help="prompts of the `test` (forgetting) reports")
     a = p.parse_args(argv)
     out, times = a.out.rstrip("/"), {}
-    over = [] if out == "output/demo/finetune" else [
-        "-o", f"Global.init_weights={out}/base", "-o", f"Text.vocab_file={out}/base/vocab.txt"]
     run("add the token 'diamond'", ["tools/add_tokens.py", a.base, "--tokens", "diamond", "--out", f"{out}/base"],
         times)
+    with open(os.path.join(ROOT, out, "base", "config.yaml"), encoding="utf-8") as f:
+        grown = yaml.safe_load(f)
+    over = ["-o", f"Global.init_weights={out}/base", "-o", f"Text.vocab_file={grown['Text']['vocab_file']}",
+            "-o", f"Model.text_vocab_size={grown['Model']['text_vocab_size']}"]
     models = {"before": a.base, "lora": f"{out}/lora", "full": f"{out}/full"}
 
     def reports(name):
