@@ -79,7 +79,8 @@ SPLITS = ("train", "heldout", "dev", "test", "novel_train", "novel_test")
 
 def split_triples(split):
     """(colour, shape, position) index triples of a split; shape indices count ALL_SHAPES. The novel splits
-    draw only the novel shapes, a third of their (colour, position) pairs kept for novel_test."""
+    draw only the novel shapes, a third of their (colour, position) pairs kept for novel_test (novel_train's items
+    alternate with items of the train split: see ShapesPairs.attrs)."""
     if split not in SPLITS:
         raise ValueError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split.startswith("novel"):
@@ -171,6 +172,7 @@ class ShapesPairs:
         self.split, self.num_samples, self.image_size, self.lang, self.seed = (
             split, int(num_samples), int(image_size), lang, int(seed))
         self.triples = split_triples(split)
+        self.replay = split_triples("train") if split == "novel_train" else None
         self.langs = ["zh", "en"] if lang == "both" else [lang]
         templates = TEMPLATES["train"]
         if split in ("heldout", "dev", "test"):  # held-out prompts mix unseen and seen phrasings
@@ -182,9 +184,12 @@ class ShapesPairs:
 
     def attrs(self, i):
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
-        ci, si, pi = self.triples[i % len(self.triples)]
+        triples, k = self.triples, i
+        if self.split == "novel_train":   # odd items replay the training split's shapes (against forgetting)
+            triples, k = (self.replay, i // 2) if i % 2 else (self.triples, i // 2)
+        ci, si, pi = triples[k % len(triples)]
         return rng, {"color": list(COLORS)[ci], "shape": list(ALL_SHAPES)[si],
-                     "position": list(POSITIONS)[pi], "size": list(SIZES)[(i // len(self.triples)) % 2]}
+                     "position": list(POSITIONS)[pi], "size": list(SIZES)[(k // len(triples)) % 2]}
 
     def item(self, i):
         if not 0 <= i < self.num_samples:
