@@ -2,7 +2,7 @@
 
   python tools/infer.py output/demo/vilg --text "左上角有一个小红色圆形" --num 8 --rerank --out output/infer
   python tools/infer.py output/demo/vilg --image picture.png                  # caption
-  python tools/infer.py output/demo/vilg --image picture.png --question "是什么颜色"   # answer
+  python tools/infer.py output/demo/vilg --image picture.png --question "这个图形是什么颜色?"   # answer
   add --json for one JSON object on stdout (with the sampler settings used)
 
 Sampler options not given take the checkpoint's defaults: its config's Eval section (as an export of it does).

@@ -4,7 +4,7 @@ tokenizer; never the training package.
 
   python deploy/python/infer.py --model-dir output/demo/export --text "左上角有一个小红色圆形" --num 4 --rerank --out out/
   python deploy/python/infer.py --model-dir output/demo/export --image out/00.png
-  python deploy/python/infer.py --model-dir output/demo/export --image out/00.png --question "是什么颜色"
+  python deploy/python/infer.py --model-dir output/demo/export --image out/00.png --question "这个图形是什么颜色?"
 
 Sampler options not given take the export's defaults (inference.yml's sampler: the Eval section of the exported
 checkpoint's config), as tools/infer.py takes the checkpoint's.

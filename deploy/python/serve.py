@@ -8,7 +8,7 @@ then open http://127.0.0.1:8080/ , or call the API:
   curl -s localhost:8080/v1/images/generations -H 'Content-Type: application/json' \\
        -d '{"prompt": "左上角有一个小红色圆形", "n": 4, "rerank": true, "seed": 1}'
   curl -s localhost:8080/v1/captions -F image=@out.png
-  curl -s localhost:8080/v1/answers -F image=@out.png -F question=这个图形是什么颜色
+  curl -s localhost:8080/v1/answers -F image=@out.png -F "question=这个图形是什么颜色?"
 
 Sampler options a request does not give take the export's defaults (inference.yml's sampler). See
 deploy/README.md for the API, the batching and the limits.
