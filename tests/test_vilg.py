@@ -192,8 +192,9 @@ def test_text_loss_is_the_mean_over_real_tokens():
         assert (out is None) == loss_only
         np.testing.assert_allclose(float(loss2), want, rtol=1e-5)
     assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        np.testing.assert_allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, err_msg=n)
+    for n in grads[0]:   # float32 sums over many slots in another order: tolerance relative to the tensor's scale
+        scale = float(np.abs(grads[0][n]).max())
+        np.testing.assert_allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=n)
 
 
 def test_stage2_resume_with_adamw_and_condition_dropout_equals_uninterrupted(tiny_shards, tmp_path):
