@@ -11,8 +11,6 @@ up with one request. The last line is one JSON object with every figure and the 
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,35 +19,18 @@ import httpx
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
+
+from ppvilg_deploy.server import spawn  # noqa: E402
 PROMPTS = ["左上角有一个小红色圆形", "a big blue square in the bottom right", "中间有一个大绿色三角形",
            "a small yellow circle at the top right", "右下角有一个小紫色正方形", "a big red triangle in the middle"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir, max_batch, max_queue, threads):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "deploy", "python", "serve.py"), "--model-dir",
-                             model_dir, "--port", str(port), "--max-batch", str(max_batch), "--max-queue",
-                             str(max_queue), "--threads", str(threads)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"bench_serve: the server exited:\n{proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    sys.exit("bench_serve: the server did not answer /healthz within 180 s")
+    try:
+        return spawn(model_dir, "--max-batch", max_batch, "--max-queue", max_queue, threads=threads, timeout=180)
+    except RuntimeError as e:
+        sys.exit(f"bench_serve: {e}")
 
 
 def load(url, clients, requests, n):

@@ -5,7 +5,6 @@ import base64
 import concurrent.futures
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
 from ppvilg_deploy.batching import Batcher, JobTimeout, QueueFull  # noqa: E402
-from ppvilg_deploy.server import ServerSettings, Service  # noqa: E402
+from ppvilg_deploy.server import ServerSettings, Service, spawn  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 PROMPT = "左上角有一个小红色圆形"
@@ -105,33 +104,13 @@ def test_under_concurrent_load_a_batch_with_room_waits_for_the_next_requests():
 
 
 # ---- a live server ---------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(exported):
     _, dep, out = exported
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "deploy/python/serve.py", "--model-dir", str(out), "--port", str(port),
-                             "--max-batch", "8", "--max-n", "6", "--max-queue", "32", "--max-body-bytes", "200000"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("the server did not answer /healthz within 120 s")
+    try:
+        proc, url = spawn(out, "--max-batch", 8, "--max-n", 6, "--max-queue", 32, "--max-body-bytes", 200000)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield url, dep
     proc.terminate()
     try:

@@ -277,6 +277,36 @@ def _image_bytes(req, uploads):
         raise RequestError(400, f"'image': not valid base64 ({e})", "image") from None
 
 
+def spawn(model_dir, *flags, threads=1, timeout=120.0):
+    """Start deploy/python/serve.py over `model_dir` on a free loopback port in a subprocess (the tests, the load
+    test) and wait until /healthz answers -> (the process, its URL). RuntimeError with the server's last output
+    when it exits or does not answer within `timeout` seconds."""
+    import socket
+    import subprocess
+    import sys
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve.py")
+    proc = subprocess.Popen([sys.executable, serve, "--model-dir", str(model_dir), "--port", str(port),
+                             "--threads", str(threads), *map(str, flags)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"the server did not answer /healthz within {timeout:g} s")
+
+
 def create_app(pipe, settings=None):
     """The FastAPI application over a DeployPipeline (or any backend with its methods)."""
     from fastapi import FastAPI, Request
