@@ -45,10 +45,7 @@ class StepProgram(paddle.nn.Layer):
     def __init__(self, model, target_kind):
         super().__init__()
         self.m, self.target_kind = model, target_kind
-        c = model.config
-        patterns = pattern_names(c)
-        self.pattern_index = [patterns.index(layer_pattern(i, c.num_layers, c.attention))
-                              for i in range(c.num_layers)]
+        self.pattern_index = layer_pattern_index(model.config)
 
     def forward(self, ids, kind, pos, masks_cache, masks_new, cache):
         """cache: [k_0, v_0, k_1, v_1, ...] (one pair per layer: no stacking or slicing copies per step)."""
@@ -110,10 +107,7 @@ class _WholeSequence(paddle.nn.Layer):
     def __init__(self, model, target_len):
         super().__init__()
         self.m, self.target_len = model, target_len
-        c = model.config
-        patterns = pattern_names(c)
-        self.pattern_index = [patterns.index(layer_pattern(i, c.num_layers, c.attention))
-                              for i in range(c.num_layers)]
+        self.pattern_index = layer_pattern_index(model.config)
 
     def target_hidden(self, ids, kind, pos, masks):
         x = self.m.embed(ids, kind, pos)
@@ -170,6 +164,12 @@ def pattern_names(c):
     return names
 
 
+def layer_pattern_index(c):
+    """Each layer's mask pattern as an index into pattern_names(c) (the first axis of the exported masks)."""
+    names = pattern_names(c)
+    return [names.index(layer_pattern(i, c.num_layers, c.attention)) for i in range(c.num_layers)]
+
+
 def static_masks(c):
     """{direction: additive float32 [P, S, S]} of the UniLM mask and each sparse pattern, before key padding."""
     out = {}
@@ -224,8 +224,7 @@ def export(vilg, cfg, out):
             "model": {"text_len": c.max_text_len, "grid": c.grid, "num_codes": c.num_codes,
                       "text_vocab_size": c.text_vocab_size, "num_layers": c.num_layers, "num_heads": heads,
                       "head_dim": head_dim, "boi_id": model.boi_id,
-                      "layer_pattern": [pattern_names(c).index(layer_pattern(i, c.num_layers, c.attention))
-                                        for i in range(c.num_layers)]},
+                      "layer_pattern": layer_pattern_index(c)},
             "layouts": {k: {"kinds": list(map(int, v.kinds)), "lengths": list(map(int, v.lengths))}
                         for k, v in lays.items()},
             "tokenizer": {"vocab_file": "vocab.txt", "pad_id": tok.pad_id, "bos_id": tok.bos_id,
