@@ -81,11 +81,8 @@ class PredictorDecoder:
     """One direction's sequence decoded with a step program and an explicit KV cache (see ppvilg/export.py)."""
 
     def __init__(self, pipe, direction, ids, valid):
-        info = pipe.info["layouts"][direction]
-        kinds, lengths = info["kinds"], info["lengths"]
-        self.kind = np.concatenate([np.full(n, k, np.int64) for k, n in zip(kinds, lengths)])
-        self.pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-        self.t0 = sum(lengths[:-1])
+        self.kind, self.pos = pipe.slots[direction]
+        self.t0 = sum(pipe.info["layouts"][direction]["lengths"][:-1])
         self.program = pipe.step_image if direction == "t2i" else pipe.step_text
         self.all_slots = direction == "t2i"                             # step_image: logits of every slot
         self.pipe = pipe
@@ -185,6 +182,10 @@ class DeployPipeline(Decoding):
         self.seq = SequenceBuilder(self.text_tokenizer, m["text_len"], m["grid"], m["boi_id"])
         with np.load(os.path.join(folder, "masks.npz")) as z:
             self.masks = {k: z[k] for k in z.files}
+        # per direction, each slot's kind and position (the exported layouts)
+        self.slots = {d: (np.concatenate([np.full(n, k, np.int64) for k, n in zip(lay["kinds"], lay["lengths"])]),
+                          np.concatenate([np.arange(n, dtype=np.int64) for n in lay["lengths"]]))
+                      for d, lay in self.info["layouts"].items()}
         opts = dict(device=device, threads=threads, mkldnn=mkldnn, memory_optim=memory_optim, precision=precision,
                     gpu_id=gpu_id)
         self.device, self.gpu_id = device, gpu_id
@@ -224,9 +225,7 @@ class DeployPipeline(Decoding):
     def _whole(self, direction, ids, valid):
         """The inputs of a whole-sequence program: ids, kind, pos and masks [P, B, 1, S, S] (key padding
         added)."""
-        info = self.info["layouts"][direction]
-        kind = np.concatenate([np.full(n, k, np.int64) for k, n in zip(info["kinds"], info["lengths"])])
-        pos = np.concatenate([np.arange(n, dtype=np.int64) for n in info["lengths"]])
+        kind, pos = self.slots[direction]
         pad = np.where(valid, 0.0, -1e9).astype(np.float32)[:, None, None, :]
         masks = (self.masks[direction][:, None, None] + pad[None]).astype(np.float32)
         return dict(ids=ids, kind=kind, pos=pos, masks=masks)
