@@ -31,6 +31,7 @@ import shutil
 
 import numpy as np
 import paddle
+import yaml
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load, save as st_save
 
@@ -438,6 +439,26 @@ def read_weights_file(path, what):
         return st_load(data)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{what}: {path} is not a valid safetensors file ({e})") from None
+
+
+def write_derived(dst, src, cfg, changes, model_state, state, files=None, copy_modules=("reconstructor",)):
+    """A single-process checkpoint at `dst` made from the one at `src` (tools/lora.py, tools/add_tokens.py): `cfg`
+    with `changes` ({section: {key: value}}), the model weights `model_state`, the source's `copy_modules` that it
+    has copied as they are, extra text `files` ({name: text}) and `state` as its trainer state; written
+    atomically."""
+    data = cfg.to_dict()
+    for section, values in changes.items():
+        data[section].update(values)
+    new_cfg = parse_resolved(yaml.safe_dump(data, allow_unicode=True), f"{src} (derived)")
+    with AtomicDir(dst) as tmp:
+        for name, text in (files or {}).items():
+            _write(os.path.join(tmp, name), text.encode("utf-8"))
+        write_weights(tmp, model_state, "model")
+        for m in copy_modules:
+            if has_module(src, m):
+                write_weights(tmp, read_full_state(src, m), m)
+        finish(tmp, new_cfg, state)
+    return dst
 
 
 ADAPTER_FORMAT = "ppvilg-lora/1"

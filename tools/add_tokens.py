@@ -19,16 +19,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import setup_device  # noqa: E402  (sets up warnings first)
-import yaml  # noqa: E402
-
 import ppvilg.engine.tasks  # noqa: E402,F401  (registers the tasks whose configs checkpoints hold)
 from ppvilg import checkpoints as ckpt  # noqa: E402
 from ppvilg.checkpoints import CheckpointError  # noqa: E402
-from ppvilg.config import parse_resolved  # noqa: E402
 from ppvilg.data.pairs import ManifestError, read_jsonl, read_tsv  # noqa: E402
 from ppvilg.models.vilg import grow_text_vocab  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer, grown_vocab, unknown_words  # noqa: E402
-from ppvilg.utils.io import AtomicDir, atomic_write_text  # noqa: E402
 
 
 def manifest_texts(path):
@@ -65,17 +61,12 @@ def main(argv=None):
         size = max(cfg.Model.text_vocab_size, old_len + len(new))
         state = grow_text_vocab(ckpt.read_full_state(folder), size,
                                 {old_len + k: pieces[w] for k, w in enumerate(new)})
-        data = cfg.to_dict()
-        data["Model"]["text_vocab_size"] = size
-        data["Text"]["vocab_file"] = os.path.join(os.path.abspath(a.out), "vocab.txt")
-        grown = parse_resolved(yaml.safe_dump(data, allow_unicode=True), f"{folder} (grown vocabulary)")
-        with AtomicDir(a.out) as tmp:
-            atomic_write_text(os.path.join(tmp, "vocab.txt"), "\n".join(lines + new) + "\n")
-            ckpt.write_weights(tmp, state, "model")
-            if ckpt.has_module(folder, "reconstructor"):
-                ckpt.write_weights(tmp, ckpt.read_full_state(folder, "reconstructor"), "reconstructor")
-            ckpt.finish(tmp, grown, {"step": meta.get("step"), "task": "vilg", "model": "vilg",
-                                     "grown_from": os.path.abspath(folder), "added_tokens": new})
+        changes = {"Model": {"text_vocab_size": size},
+                   "Text": {"vocab_file": os.path.join(os.path.abspath(a.out), "vocab.txt")}}
+        ckpt.write_derived(a.out, folder, cfg, changes, state,
+                           {"step": meta.get("step"), "task": "vilg", "model": "vilg",
+                            "grown_from": os.path.abspath(folder), "added_tokens": new},
+                           files={"vocab.txt": "\n".join(lines + new) + "\n"})
     except (CheckpointError, ManifestError, FileNotFoundError) as e:
         sys.exit(f"add_tokens: {e}")
     print(json.dumps({"out": os.path.abspath(a.out), "added": new,

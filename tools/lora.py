@@ -17,14 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import setup_device  # noqa: E402  (sets up warnings first)
-import yaml  # noqa: E402
-
 import ppvilg.engine.tasks  # noqa: E402,F401  (registers the tasks whose configs checkpoints hold)
 from ppvilg import checkpoints as ckpt  # noqa: E402
 from ppvilg.checkpoints import CheckpointError  # noqa: E402
-from ppvilg.config import parse_resolved  # noqa: E402
 from ppvilg.models.lora import lora_state, merge_lora  # noqa: E402
-from ppvilg.utils.io import AtomicDir  # noqa: E402
 
 INFO_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 SIZE_KEYS = ("num_layers", "hidden_size", "num_heads", "ffn_mult", "text_vocab_size", "max_text_len", "num_codes",
@@ -41,16 +37,8 @@ def _source(path):
 
 def _write_plain(dst, folder, meta, cfg, model_state, note):
     """A checkpoint at `dst`: `cfg` with Model.lora_rank 0, `model_state`, the source's other modules copied."""
-    data = cfg.to_dict()
-    data["Model"]["lora_rank"] = 0
-    plain = parse_resolved(yaml.safe_dump(data, allow_unicode=True), f"{folder} (merged)")
-    others = [m for m in ("reconstructor",) if ckpt.has_module(folder, m)]
-    with AtomicDir(dst) as tmp:
-        ckpt.write_weights(tmp, model_state, "model")
-        for m in others:
-            ckpt.write_weights(tmp, ckpt.read_full_state(folder, m), m)
-        ckpt.finish(tmp, plain, {"step": meta.get("step"), "task": "vilg", "model": "vilg", **note})
-    return dst
+    return ckpt.write_derived(dst, folder, cfg, {"Model": {"lora_rank": 0}}, model_state,
+                              {"step": meta.get("step"), "task": "vilg", "model": "vilg", **note})
 
 
 def extract(a):
