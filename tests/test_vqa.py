@@ -76,13 +76,14 @@ def test_vqa_loss_is_the_cross_entropy_of_the_answer_tokens_only(tiny_shards, tm
     for k in range(2):   # labels: exactly the answer's tokens and [SEP]; the answer enters shifted after [CLS]
         assert labels[k][labels[k] >= 0].tolist() == ans_ids[k]
         assert ids[k, t0] == task.text_tokenizer.bos_id and ids[k, t0 + 1:t0 + len(ans_ids[k])].tolist() == ans_ids[k][:-1]
-    *_, l_vqa, _ = task.losses(codes, ["红色圆形", "a circle"], vqa=(np.arange(2), qs, ans))
+    *_, l_vqa, lab_vqa, _ = task.losses(codes, ["红色圆形", "a circle"], vqa=(np.arange(2), qs, ans))
+    np.testing.assert_array_equal(lab_vqa, labels)
     logits, _ = task.model(paddle.to_tensor(ids), valid, lay)
     nll = F.cross_entropy(logits, paddle.to_tensor(labels).unsqueeze(-1), ignore_index=-100, reduction="none")
     want = float(nll.sum()) / int((labels >= 0).sum())
     assert float(l_vqa) == pytest.approx(want, rel=1e-5)
     # the question is part of the source: another question changes the answer's loss
-    *_, other, _ = task.losses(codes, ["红色圆形", "a circle"], vqa=(np.arange(2), ["它是大还是小?"] * 2, ans))
+    *_, other, _, _ = task.losses(codes, ["红色圆形", "a circle"], vqa=(np.arange(2), ["它是大还是小?"] * 2, ans))
     assert abs(float(other) - float(l_vqa)) > 1e-4
 
 

@@ -140,10 +140,9 @@ class ViLGTask(Task):
         for _, msg, hint in parallel_layout_errors(model_config(cfg.Model), d.mp_degree, d.pp_degree):
             raise ConfigError(f"{origin}: Distributed (mp_degree {d.mp_degree}, pp_degree {d.pp_degree}): {msg}"
                               + (f" ({hint})" if hint else ""))
-        if cfg.Model.lora_rank < 0 or (cfg.Model.lora_rank > 0 and (d.mp_degree > 1 or d.pp_degree > 1)):
-            raise ConfigError(f"{origin}: Model.lora_rank must be >= 0 (0: no adapters), and adapters train with "
-                              f"mp_degree 1 and pp_degree 1 (got rank {cfg.Model.lora_rank}, mp {d.mp_degree}, pp "
-                              f"{d.pp_degree})")
+        if cfg.Model.lora_rank > 0 and (d.mp_degree > 1 or d.pp_degree > 1):   # (>= 0: the Model checks)
+            raise ConfigError(f"{origin}: Model.lora_rank {cfg.Model.lora_rank}: adapters train with mp_degree 1 "
+                              f"and pp_degree 1 (got mp {d.mp_degree}, pp {d.pp_degree})")
         if cfg.Model.attention not in ("dense", "sparse"):
             raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
         if cfg.Model.attention_kernel not in ATTENTION_KERNELS:
@@ -290,8 +289,8 @@ class ViLGTask(Task):
             return self.image_tokenizer.encode(paddle.to_tensor(batch["image"])).numpy()
 
     def losses(self, codes, texts, drop=None, images=None, vqa=None):
-        """(text->image loss, image->text loss, their label arrays, VQA loss or None, reconstruction loss or None)
-        for one batch; vqa: (rows, questions, answers) from PairBatcher.pick_questions (rows with none: no VQA
+        """(text->image loss, image->text loss, their label arrays, VQA loss and its label array (None, None
+        without VQA), reconstruction loss or None) for one batch; vqa: (rows, questions, answers) from PairBatcher.pick_questions (rows with none: no VQA
         loss); the reconstruction loss needs the real images [B, 3, H, W] and Loss.end_to_end."""
         b = self.batcher
         ids1, valid1, lab_img = b.text_to_image(codes, texts, drop)
@@ -299,6 +298,7 @@ class ViLGTask(Task):
         t = paddle.to_tensor
         e2e = self.reconstructor is not None and images is not None
         seqs = [[t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t], [t(lab_img), t(lab_txt)]]
+        lab_vqa = None
         if vqa is not None and len(vqa[0]):
             ids3, valid3, lab_vqa = b.vqa(codes[vqa[0]], vqa[1], vqa[2])
             for part, x in zip(seqs, (t(ids3), valid3, b.vqa_layout, t(lab_vqa))):
@@ -311,7 +311,7 @@ class ViLGTask(Task):
             x_hat = self.reconstructor(hid[0], self.model.config.grid)
             diff = x_hat - (images if isinstance(images, paddle.Tensor) else paddle.to_tensor(images))
             l_rec = (diff * diff).mean() if self.cfg.Loss.recon == "l2" else diff.abs().mean()
-        return l_t2i, l_i2t, lab_img, lab_txt, l_vqa, l_rec
+        return l_t2i, l_i2t, lab_img, lab_txt, l_vqa, lab_vqa, l_rec
 
     def phase_loss(self, phase, batch, step):
         codes = self.codes_of(batch)
@@ -322,7 +322,7 @@ class ViLGTask(Task):
         if self.cfg.Loss.vqa_weight > 0 and step >= self.cfg.Loss.vqa_start and any(batch.get("qa", [])):
             draws = paddle.rand([len(batch["text"]), 2]).numpy()      # paddle RNG: resumable
             vqa = self.batcher.pick_questions(batch["qa"], draws, self.cfg.Loss.vqa_fraction)
-        l_t2i, l_i2t, _, _, l_vqa, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"), vqa)
+        l_t2i, l_i2t, _, _, l_vqa, _, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"), vqa)
         loss = self.cfg.Loss.t2i_weight * l_t2i + self.cfg.Loss.i2t_weight * l_i2t
         logs = {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t), "truncated_texts": self.batcher.truncated}
         if l_vqa is not None:
@@ -344,10 +344,10 @@ class ViLGTask(Task):
                 continue
             codes = self.codes_of(batch)
             vqa = self.batcher.pick_questions(batch.get("qa", [])) if self.cfg.Loss.vqa_weight > 0 else None
-            l_t2i, l_i2t, lab_img, lab_txt, l_vqa, l_rec = self.losses(codes, batch["text"], images=batch.get("image"),
-                                                                       vqa=vqa)
+            l_t2i, l_i2t, lab_img, lab_txt, l_vqa, lab_vqa, l_rec = self.losses(
+                codes, batch["text"], images=batch.get("image"), vqa=vqa)
             if l_vqa is not None:
-                n_ans = int((self.batcher.vqa(codes[vqa[0]], vqa[1], vqa[2])[2] >= 0).sum())
+                n_ans = int((lab_vqa >= 0).sum())
                 sums["vqa"] = sums.get("vqa", 0.0) + float(l_vqa) * n_ans
                 counts["vqa"] = counts.get("vqa", 0) + n_ans
             if l_rec is not None:
