@@ -1,7 +1,7 @@
 """The sampler options of the command lines (tools/infer.py over a checkpoint, deploy/python/infer.py over an
 export): one flag per SamplerSettings field; a flag not given keeps the model's default (the checkpoint's Eval
 section, or the export's inference.yml)."""
-from ppvilg_deploy.decoding import CAPTION_METHODS, IMAGE_DECODINGS, SamplerSettings
+from ppvilg_deploy.decoding import CAPTION_METHODS, IMAGE_DECODINGS, SamplerSettingError, SamplerSettings
 
 # flag -> (SamplerSettings field, type, help); every field has one (tests/test_generation.py checks)
 FLAGS = {
@@ -40,11 +40,9 @@ def apply_sampler_flags(settings, args):
     flag."""
     try:
         return settings.replace(**sampler_changes(args))
-    except ValueError as e:
-        msg = str(e)
-        for flag, (field, _, _) in FLAGS.items():
-            msg = msg.replace(f"sampler setting '{field}'", f"{flag}")
-        raise ValueError(msg) from None
+    except SamplerSettingError as e:
+        flag = next(flag for flag, (field, _, _) in FLAGS.items() if field == e.field)
+        raise ValueError(e.named(flag)) from None
 
 
 def check_arguments(parser, args):

@@ -31,6 +31,18 @@ CAPTION_METHODS = ("greedy", "beam", "sample")
 IMAGE_DECODINGS = ("sequential", "sjd")
 
 
+class SamplerSettingError(ValueError):
+    """An out-of-range sampler setting: `field`, what was `expected`, the `value` given."""
+
+    def __init__(self, field, expected, value):
+        self.field, self.expected, self.value = field, expected, value
+        super().__init__(self.named(f"sampler setting '{field}'"))
+
+    def named(self, name):
+        """The message with the setting called `name` (a command-line flag, a request field)."""
+        return f"{name} must be {self.expected}, got {self.value!r}"
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to decode. Text->image: `candidates` images per prompt sampled with `temperature` (0: always the
@@ -54,7 +66,7 @@ class SamplerSettings:
 
     def __post_init__(self):
         def bad(field, expected):
-            raise ValueError(f"sampler setting '{field}' must be {expected}, got {getattr(self, field)!r}")
+            raise SamplerSettingError(field, expected, getattr(self, field))
 
         def is_int(v):
             return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ppvilg_deploy.batching import Batcher, JobTimeout, QueueFull
+from ppvilg_deploy.decoding import SamplerSettingError
 from ppvilg_deploy.images import BadImageError, decode_image
 from ppvilg_deploy.tokenizer import TextTooLongError
 
@@ -86,8 +87,7 @@ class ServerSettings:
 
 
 def _languages(tokenizer):
-    vocab = tokenizer.tok.vocab.token_to_idx if hasattr(tokenizer.tok.vocab, "token_to_idx") else tokenizer.tok.vocab
-    words = list(vocab)
+    words = list(tokenizer.tok.vocab.token_to_idx)
     out = []
     if any("\u4e00" <= w[:1] <= "\u9fff" for w in words):
         out.append("zh")
@@ -136,11 +136,9 @@ class Service:
     def sampler(self, **changes):
         try:
             return self.pipe.sampler.replace(**changes)
-        except ValueError as e:   # "sampler setting 'top_p' must be ..."
-            msg = str(e)
-            field = msg.split("'")[1] if msg.count("'") >= 2 else None
-            param = {"candidates": "n", "caption_method": "method"}.get(field, field)
-            raise RequestError(400, msg.replace(f"sampler setting '{field}'", f"'{param}'"), param) from None
+        except SamplerSettingError as e:
+            param = {"candidates": "n", "caption_method": "method"}.get(e.field, e.field)   # the request's names
+            raise RequestError(400, e.named(f"'{param}'"), param) from None
 
     def check_text(self, text, param):
         try:
