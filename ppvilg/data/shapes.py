@@ -130,19 +130,16 @@ def render(attrs, size_px=32, jitter=(0.0, 0.0)):
     return img
 
 
-def caption(attrs, lang, template):
-    if lang == "en":
-        return template.format(size=attrs["size"], color=attrs["color"], shape=attrs["shape"],
-                               position=attrs["position"])
-    return template.format(size=SIZES[attrs["size"]], color=COLORS[attrs["color"]][1],
-                           shape=ALL_SHAPES[attrs["shape"]], position=POSITIONS[attrs["position"]][2])
-
-
 def _word(attr, value, lang):
+    """An attribute value (its English name) as the captions and answers of `lang` write it."""
     if lang == "en":
         return value
     return {"color": lambda v: COLORS[v][1], "shape": ALL_SHAPES.get, "position": lambda v: POSITIONS[v][2],
             "size": SIZES.get}[attr](value)
+
+
+def caption(attrs, lang, template):
+    return template.format(**{a: _word(a, attrs[a], lang) for a in ATTRIBUTES})
 
 
 def questions(attrs, other):
