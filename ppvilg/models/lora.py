@@ -46,11 +46,15 @@ class LoRALinear(nn.Layer):
         return F.linear(x, self.weight, self.bias) + paddle.matmul(paddle.matmul(h, self.lora_A), self.lora_B) * self.scale
 
 
+def matches(name, patterns):
+    """Whether a block-relative layer name matches one of the comma-separated globs (Model.lora_targets)."""
+    return any(fnmatch.fnmatchcase(name, g.strip()) for g in patterns.split(",") if g.strip())
+
+
 def target_names(block, patterns):
     """The names of a block's nn.Linear sublayers that match the comma-separated globs."""
-    globs = [p.strip() for p in patterns.split(",") if p.strip()]
     return [name for name, layer in block.named_sublayers() if isinstance(layer, nn.Linear)
-            and any(fnmatch.fnmatchcase(name, g) for g in globs)]
+            and matches(name, patterns)]
 
 
 def add_lora(blocks, rank, alpha, dropout, patterns):

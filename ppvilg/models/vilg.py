@@ -25,7 +25,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ppvilg.models.lora import add_lora, is_lora
+from ppvilg.models.lora import add_lora, is_lora, matches as lora_matches
 from ppvilg.models.layout import IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, layer_pattern, pattern_mask
 from ppvilg.registry import MODEL_CONFIGS, MODELS
 
@@ -67,12 +67,9 @@ def count_parameters(c: ViLGConfig):
     emb = c.text_vocab_size * d + (c.num_codes + 1) * d + c.max_text_len * d + 2 * c.grid * d + 4 * d
     heads = (0 if c.tie_text_head else c.text_vocab_size * d) + c.text_vocab_size + c.num_codes * d + c.num_codes
     if c.lora_rank > 0:   # A [in, r] + B [r, out] per adapted projection
-        import fnmatch
         dims = {"attn.q": (d, d), "attn.k": (d, d), "attn.v": (d, d), "attn.proj": (d, d), "mlp.0": (d, f),
                 "mlp.2": (f, d)}
-        globs = [g.strip() for g in c.lora_targets.split(",") if g.strip()]
-        per_layer += sum(c.lora_rank * (i + o) for name, (i, o) in dims.items()
-                         if any(fnmatch.fnmatchcase(name, g) for g in globs))
+        per_layer += sum(c.lora_rank * (i + o) for name, (i, o) in dims.items() if lora_matches(name, c.lora_targets))
     return c.num_layers * per_layer + emb + 2 * d + heads
 
 
@@ -228,8 +225,8 @@ class Attention(nn.Layer):
 
     def step_split(self, x, mask_cache, mask_new, cache_k, cache_v):
         """The cached step of exported programs, which never write the cache: attention runs over the cache
-        (mask_cache [B, 1, s, S]: only slots filled before this step are visible) and over these slots' own keys
-        (mask_new [B, 1, s, s]) under one softmax; these slots' keys and values are returned, (out, k, v)
+        (mask_cache [B, H, s, S]: only slots filled before this step are visible) and over these slots' own keys
+        (mask_new [B, H, s, s]) under one softmax; these slots' keys and values are returned, (out, k, v)
         [B, H, s, Dh], for the caller to store in its cache in place (no copy of the cache per step)."""
         q, k, v = self._qkv(x)
         scale = math.sqrt(self.head_dim)
