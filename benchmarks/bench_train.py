@@ -5,7 +5,10 @@
 Each step is one forward over the batch's sequences (text->image and image->text, and VQA for half the pairs
 when asked), backward and an AdamW update, with the shapes data's own captions, questions and answers. Compared:
 the text head over every target slot (loss_only off) against the head on the labelled slots only (loss_only, what
-training runs), with and without VQA. The last line is one JSON object.
+training runs), with and without VQA; and, for the two-direction loss_only step, the CPU kernel choices of
+training (ppvilg.utils.runtime.training_kernels, ppvilg.models.vilg.Linear) against Paddle's defaults: stride
+kernels on / off, and the bias gradient of paddle.nn.Linear against Linear's ones @ grad. Every step runs under
+training_kernels (what Trainer does) unless said. The last line is one JSON object.
 """
 import argparse
 import json
@@ -15,13 +18,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppvilg.utils.runtime import setup_device  # noqa: E402
+from ppvilg.utils.runtime import setup_device, training_kernels  # noqa: E402
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from ppvilg.data.shapes import ShapesPairs  # noqa: E402
 from ppvilg.engine.vilg_task import PairBatcher  # noqa: E402
-from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
+from ppvilg.models.vilg import Linear, ViLG, ViLGConfig  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
 
 
@@ -59,17 +62,37 @@ def main(argv=None):
         opt.step()
         opt.clear_grad()
 
+    def timed(vqa, loss_only):
+        step(vqa, loss_only)   # warm-up
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step(vqa, loss_only)
+        return (time.perf_counter() - t0) / a.steps * 1e3
+
     results = {}
     for vqa in (False, True):
         for loss_only in (False, True):
-            step(vqa, loss_only)   # warm-up
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                step(vqa, loss_only)
-            ms = (time.perf_counter() - t0) / a.steps * 1e3
+            with training_kernels():
+                ms = timed(vqa, loss_only)
             key = f"{'with_vqa' if vqa else 'two_directions'}_{'loss_only' if loss_only else 'full_head'}_ms"
             results[key] = ms
             print(f"{key:<36} {ms:8.1f} ms per step", flush=True)
+
+    linears = [m for m in model.sublayers() if type(m) is Linear]
+    for m in linears:   # paddle.nn.Linear's own forward: its bias gradient by Paddle's broadcast-add backward
+        m.__class__ = paddle.nn.Linear
+    results["paddle_linear_stride_kernels_ms"] = timed(False, True)      # Paddle's defaults throughout
+    with training_kernels():
+        results["paddle_linear_ms"] = timed(False, True)
+    for m in linears:
+        m.__class__ = Linear
+    results["stride_kernels_ms"] = timed(False, True)                    # Linear, stride kernels on
+    base = results["paddle_linear_stride_kernels_ms"]
+    for key in ("paddle_linear_stride_kernels_ms", "paddle_linear_ms", "stride_kernels_ms"):
+        print(f"{key:<36} {results[key]:8.1f} ms per step", flush=True)
+    results["training_kernels_speedup"] = base / results["two_directions_loss_only_ms"]
+    results["stride_kernels_off_speedup"] = base / results["paddle_linear_ms"]
+    results["linear_bias_grad_speedup"] = results["paddle_linear_ms"] / results["two_directions_loss_only_ms"]
     results["loss_only_speedup"] = results["two_directions_full_head_ms"] / results["two_directions_loss_only_ms"]
     results["loss_only_speedup_with_vqa"] = results["with_vqa_full_head_ms"] / results["with_vqa_loss_only_ms"]
     results["vqa_cost_loss_only"] = results["with_vqa_loss_only_ms"] / results["two_directions_loss_only_ms"]
@@ -78,6 +101,9 @@ def main(argv=None):
                    text_slots=int(l2.size + l3.size))
     print(f"loss_only: x{results['loss_only_speedup']:.2f} (two directions), x{results['loss_only_speedup_with_vqa']:.2f} "
           f"(with VQA); VQA for {len(rows)} of {a.batch} pairs costs x{results['vqa_cost_loss_only']:.2f}")
+    print(f"training kernels against Paddle's defaults: x{results['training_kernels_speedup']:.2f} (stride kernels "
+          f"off x{results['stride_kernels_off_speedup']:.2f}, then Linear's bias gradient "
+          f"x{results['linear_bias_grad_speedup']:.2f})")
     print(json.dumps(results))
 
 

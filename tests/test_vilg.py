@@ -276,3 +276,36 @@ def test_fused_attention_kernel_equals_the_matmul_path(attention):
     a = Generator(ref, TextTokenizer()).text_to_image(texts, top_k=4, seed=3)
     b = Generator(fused, TextTokenizer()).text_to_image(texts, top_k=4, seed=3)
     np.testing.assert_array_equal(a, b)
+
+
+def test_linear_bias_gradient_equals_autograd_of_f_linear():
+    """ViLG's Linear computes its bias gradient as ones @ grad (Paddle's CPU column reduction is ~60x slower):
+    output, input, weight and bias gradients equal F.linear's under autograd, for 2-D and 3-D inputs."""
+    from ppvilg.models.vilg import Linear
+    rng = np.random.default_rng(0)
+    for shape in ([7, 5], [3, 4, 5]):
+        paddle.seed(0)
+        layer = Linear(5, 6)
+        layer.train()
+        x = paddle.to_tensor(rng.standard_normal(shape).astype("float32"), stop_gradient=False)
+        w = paddle.to_tensor(rng.standard_normal(shape[:-1] + [6]).astype("float32"))
+        results = []
+        for f in (layer, lambda t: paddle.nn.functional.linear(t, layer.weight, layer.bias)):
+            y = f(x)
+            (y * w).sum().backward()   # an uneven upstream gradient
+            results.append([y.numpy()] + [t.grad.numpy().copy() for t in (x, layer.weight, layer.bias)])
+            for t in (x, layer.weight, layer.bias):
+                t.clear_gradient()
+        for a, b in zip(*results):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert np.abs(results[0][3]).max() > 0.1   # the bias gradient is not trivially zero
+
+
+def test_training_kernels_are_scoped_to_the_training_step():
+    """Trainer steps run with stride kernels off on CPU (training_kernels); the process setting is restored."""
+    from ppvilg.utils.runtime import training_kernels
+    flag = "FLAGS_use_stride_kernel"
+    before = paddle.get_flags([flag])[flag]
+    with training_kernels():
+        assert paddle.get_flags([flag])[flag] is False
+    assert paddle.get_flags([flag])[flag] == before

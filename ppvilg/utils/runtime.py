@@ -1,4 +1,5 @@
 """Process set-up shared by every tool: quiet imports, device, CPU threads, seeds, rank-aware logging."""
+import contextlib
 import logging
 import os
 import random
@@ -43,6 +44,23 @@ def setup_device(device="auto", num_threads=2):
     if device == "cpu" and num_threads:
         paddle.base.core.set_num_threads(int(num_threads))
     return device
+
+
+@contextlib.contextmanager
+def training_kernels():
+    """Paddle kernel settings for a training loop (Trainer.fit), restored on exit. On CPU, stride kernels off:
+    with them a transpose or slice is a strided view, and the backward of the attention's reshape / transpose
+    pairs then copies through a slow generic strided kernel (the demo's stage-2 step: 1.07 s with them, 0.69 s
+    without; benchmarks/bench_train.py). Decoding keeps them: its KV-cache slices are views (~15% faster)."""
+    if paddle.get_device() != "cpu":
+        yield
+        return
+    old = paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
+    paddle.set_flags({"FLAGS_use_stride_kernel": False})
+    try:
+        yield
+    finally:
+        paddle.set_flags({"FLAGS_use_stride_kernel": old})
 
 
 def seed_everything(seed):
