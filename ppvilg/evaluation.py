@@ -6,12 +6,18 @@
   of the real set cached under `Eval.fid_cache`.
 - image->text: a caption for each image, scored against all its reference captions with BLEU-1..4, METEOR 1.5,
   ROUGE-L, CIDEr-D (pycocoevalcap scorers; `Eval.tokenization`: jieba as AIC-ICC / COCO-CN, char, space, auto).
+- VQA: an answer to each question of the split's images (the shapes questions, a manifest's question /
+  answer fields), greedy or as the Eval sampler says; exact match after `normalize_answer` (lower case, no
+  spaces or punctuation) against any given answer, overall and per question `type` where the data name one
+  (short answers), and the caption metrics of the answers against the given ones (long answers).
 - reconstruction: the stage-1 task's PSNR / SSIM / codebook statistics.
 """
+import numpy as np
+
 from ppvilg.data.corpora import group_references
 from ppvilg.data.datasets import read_pairs
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop
-from ppvilg.data.shapes import ShapesPairs
+from ppvilg.data.shapes import ShapesPairs, normalize_answer
 from ppvilg.metrics.captions import caption_scores
 from ppvilg.metrics.fid import cached_statistics, fingerprint, frechet_distance, statistics
 from ppvilg.metrics.inception import inception_features, load_inception
@@ -83,3 +89,67 @@ def evaluate_image_to_text(vilg, images, references, ev):
     hyps = {i: c["text"] for i, c in enumerate(caps)}
     scores = caption_scores(references, hyps, mode=ev.tokenization, meteor=ev.meteor)
     return dict(scores, num_images=len(images)), caps
+
+
+def question_sets(section, image_size, limit):
+    """The questions about the first `limit` images of a split that have any -> (RGB uint8 images at
+    image_size, [dict(image=index into the images, question, answers=[str], type=str or None)]). A question asked
+    about the same image on several manifest lines keeps every answer given."""
+    log = get_logger()
+    if section.source == "shapes":
+        ds = ShapesPairs(section.split, min(limit, section.num_samples), image_size, section.lang, section.seed)
+        entries = [(("shapes", i), lambda i=i: ds.item(i)["image"], ds.questions(i)) for i in range(len(ds))]
+    else:
+        entries = [(p.image, lambda p=p: resize_center_crop(read_image(p.image), image_size), p.qa)
+                   for p in read_pairs(section) if p.qa]
+    images, index, asked, skipped = [], {}, {}, 0
+    for key, load, qa in entries:
+        if key not in index:
+            if len(images) >= limit:
+                continue
+            try:
+                images.append(load())
+            except BadImageError as e:
+                skipped += 1
+                log.warning(f"skipped image: {e}")
+                continue
+            index[key] = len(images) - 1
+        for q in qa:
+            entry = asked.setdefault((index[key], q["question"]), {"image": index[key], "question": q["question"],
+                                                                   "answers": [], "type": q.get("type")})
+            if q["answer"] not in entry["answers"]:
+                entry["answers"].append(q["answer"])
+    if skipped:
+        log.warning(f"{skipped} images skipped")
+    if not asked:
+        raise ValueError(f"Data section ({section.source}"
+                         + (f" {section.path}" if section.get("path") else "")
+                         + "): no questions (a manifest line gives them as 'question' / 'answer' or 'qa')")
+    return images, list(asked.values())
+
+
+def evaluate_vqa(vilg, images, questions, ev, batch=64):
+    """Answers to `questions` (from question_sets) -> (metrics, answers). Metrics: exact_match (the share of
+    questions whose normalised answer equals a normalised given one), exact_match_by_type (questions with a
+    type), the caption metrics of the answers against the given ones, num_questions, num_images."""
+    sampler = SamplerSettings.from_mapping(ev)
+    codes = vilg.encode(images)
+    answers = []
+    for s in range(0, len(questions), batch):
+        chunk = questions[s:s + batch]
+        vilg.check_text([q["question"] for q in chunk])
+        rows = np.array([q["image"] for q in chunk])
+        answers += vilg.gen.image_to_text(codes[rows], sampler, question=[q["question"] for q in chunk])
+        get_logger().info(f"VQA: {len(answers)}/{len(questions)} answered")
+    right = [normalize_answer(a["text"]) in {normalize_answer(x) for x in q["answers"]}
+             for a, q in zip(answers, questions)]
+    by_type = {}
+    for r, q in zip(right, questions):
+        if q["type"] is not None:
+            by_type.setdefault(q["type"], []).append(r)
+    scores = caption_scores({i: q["answers"] for i, q in enumerate(questions)},
+                            {i: a["text"] for i, a in enumerate(answers)}, mode=ev.tokenization, meteor=ev.meteor)
+    metrics = {"exact_match": float(np.mean(right)),
+               "exact_match_by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+               **scores, "num_questions": len(questions), "num_images": len(images)}
+    return metrics, answers

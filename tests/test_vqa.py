@@ -1,5 +1,6 @@
 """Generative VQA training: only answer tokens are trained, questions ride along from the data, the loss is
 the model's own cross-entropy over the answer, and a tiny run learns to answer."""
+import json
 import os
 
 import numpy as np
@@ -117,3 +118,45 @@ def test_vqa_trains_from_the_shards_questions_and_is_evaluated(tiny_shards, tmp_
     assert np.isfinite(metrics["vqa_loss"]) and metrics["vqa_loss"] < before - 1.0, (before, metrics["vqa_loss"])
     with pytest.raises(ConfigError, match="vqa_fraction"):
         load_config(TINY, ["Loss.vqa_fraction=0"])
+
+
+def test_eval_vqa_scores_exact_match_per_type_against_any_given_answer(run_dirs, tmp_path):
+    """tools/eval.py --task vqa on a manifest: a question asked about the same image on two lines keeps both
+    answers; exact match (after normalize_answer) against any of them, per type where given; giving the model's
+    own answer (other case, punctuation added) as a reference turns exactly that question right."""
+    import shutil
+    from ppvilg.data.images import write_png
+    from tools.eval import main as eval_main
+    shutil.copy(run_dirs / "red.png", tmp_path / "a.png")
+    blue = np.zeros((16, 16, 3), np.uint8)
+    blue[2:9, 8:15] = (40, 60, 240)
+    write_png(str(tmp_path / "b.png"), blue)
+    lines = [{"image": "a.png", "text": "红色", "qa": [{"question": "什么颜色", "answer": "红色", "type": "color"},
+                                                       {"question": "大还是小", "answer": "小", "type": "size"}]},
+             {"image": "a.png", "text": "red", "question": "什么颜色", "answer": "Crimson"},
+             {"image": "b.png", "text": "蓝色", "question": "什么颜色", "answer": "蓝色"}]
+
+    def run(extra_lines, name):
+        manifest = tmp_path / f"{name}.jsonl"
+        manifest.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines + extra_lines),
+                            encoding="utf-8")
+        out = tmp_path / name
+        eval_main(["-c", TINY, "-o", f"Global.checkpoint={run_dirs / 'vilg'}", "-o", f"Global.output_dir={out}",
+                   "-o", f"ImageTokenizer.checkpoint={run_dirs / 'vq'}", "-o", "Data.eval.source=manifest",
+                   "-o", f"Data.eval.path={manifest}", "--task", "vqa"])
+        return json.loads((out / "eval" / "eval_vqa.json").read_text(encoding="utf-8"))
+
+    first = run([], "first")
+    ex = first["examples"]
+    assert first["num_questions"] == 3 and first["num_images"] == 2
+    assert [(e["question"], e["expected"]) for e in ex] == [("什么颜色", ["红色", "Crimson"]), ("大还是小", ["小"]),
+                                                              ("什么颜色", ["蓝色"])]
+    right = [normalize_answer(e["answer"]) in {normalize_answer(x) for x in e["expected"]} for e in ex]
+    assert first["exact_match"] == pytest.approx(np.mean(right))
+    assert first["exact_match_by_type"] == {"color": float(right[0]), "size": float(right[1])}
+    assert {"bleu4", "rouge_l", "cider"} <= set(first)
+    own = ex[2]["answer"]
+    assert normalize_answer(own) and not right[2], own   # the random tiny model does not say 蓝色
+    second = run([{"image": "b.png", "text": "x", "question": "什么颜色", "answer": own.upper() + " !"}], "second")
+    assert second["examples"][2]["expected"] == ["蓝色", own.upper() + " !"]
+    assert second["exact_match"] == pytest.approx(first["exact_match"] + 1 / 3)

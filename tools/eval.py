@@ -1,9 +1,10 @@
 """Evaluate a checkpoint:  python tools/eval.py -c CONFIG [-o Global.checkpoint=FOLDER] [--split eval|train]
-[--task auto|recon|t2i|i2t|all]
+[--task auto|recon|t2i|i2t|vqa|all]
 
 - stage 1 (vqgan) checkpoints: reconstruction PSNR, SSIM, codebook usage and perplexity (recon);
 - stage 2 (vilg) checkpoints: text->image FID (t2i) and captioning BLEU-1..4 / METEOR / ROUGE-L / CIDEr (i2t)
-  on Data.<split>, with the settings of the Eval section (auto = both).
+  on Data.<split>, with the settings of the Eval section (auto = both); VQA (vqa: an answer to each question of
+  the split's images, exact match overall and per question type, and the caption metrics of the answers).
 
 The model comes from the checkpoint; data and evaluation settings from CONFIG. Without Global.checkpoint, the
 newest checkpoint under CONFIG's Global.output_dir is used. Results are printed and written to
@@ -61,10 +62,25 @@ def stage2(cfg, folder, split, which):
     return results, grids
 
 
+def vqa(cfg, folder, split):
+    from ppvilg.evaluation import evaluate_vqa, question_sets
+    from ppvilg.inference import ViLGInference
+    vilg = ViLGInference.from_checkpoint(folder)
+    try:
+        images, questions = question_sets(cfg.Data[split], vilg.image_size, cfg.Eval.num_samples)
+    except ValueError as e:
+        sys.exit(f"error: Data.{split}: {e}")
+    get_logger().info(f"evaluating {folder} on Data.{split}: {len(questions)} questions about {len(images)} images")
+    metrics, answers = evaluate_vqa(vilg, images, questions, cfg.Eval)
+    examples = [{"question": q["question"], "answer": a["text"], "expected": q["answers"]}
+                for q, a in zip(questions[:8], answers)]
+    return {"vqa": dict(metrics, examples=examples)}, {}
+
+
 def main(argv=None):
     p = config_parser(__doc__)
     p.add_argument("--split", default="eval", choices=["eval", "train"], help="which Data.<split> to score")
-    p.add_argument("--task", default="auto", choices=["auto", "recon", "t2i", "i2t", "all"])
+    p.add_argument("--task", default="auto", choices=["auto", "recon", "t2i", "i2t", "vqa", "all"])
     args = p.parse_args(argv)
     cfg = load_or_exit(args)
     setup_from_config(cfg)
@@ -78,6 +94,8 @@ def main(argv=None):
     if which == "recon":
         metrics, images = reconstruction(cfg, folder, meta, ckpt_cfg, args.split)
         results = {"recon": metrics}
+    elif which == "vqa":
+        results, images = vqa(cfg, folder, args.split)
     else:
         try:
             results, images = stage2(cfg, folder, args.split, which)
@@ -93,7 +111,11 @@ def main(argv=None):
                   **metrics}
         stem = args.split if name == "recon" else f"{args.split}_{name}"
         atomic_write_json(os.path.join(out, f"{stem}.json"), result)
-        rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        flat = dict(metrics)
+        for k, v in metrics.items():   # per-type figures (VQA) as rows of their own
+            if isinstance(v, dict):
+                flat.update({f"{k}/{t}": x for t, x in v.items()})
+        rows = [(k, v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         atomic_write_text(os.path.join(out, f"{stem}.md"), "| metric | value |\n|---|---|\n"
                           + "".join(f"| {k} | {v:.4f} |\n" for k, v in rows))
         if vdl is not None:
