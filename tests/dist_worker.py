@@ -30,6 +30,13 @@ def main():
     trainer.fit()
     with open(os.path.join(cfg.Global.output_dir, f"history.rank{par.rank}.json"), "w") as f:
         json.dump(trainer.history, f)
+    # Everything the tests compare is written. Two full CI runs saw a rank end with SIGABRT (the launcher's exit
+    # status 250 = -6) during interpreter teardown after a pipeline run had saved its last checkpoint, with no
+    # message in either rank's log; it never reproduced alone (3 of 3 runs of that test passed). Leave without
+    # the C++ teardown so that the equivalence tests test results, not gloo's shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def _launch(reference, name, extra):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if run.returncode:
         logs = "".join(open(os.path.join(out, "log", f)).read()[-3000:] for f in sorted(os.listdir(out / "log")))
-        pytest.fail(f"{name} failed ({run.returncode}):\n{run.stdout[-2000:]}\n{logs}")
+        pytest.fail(f"{name} failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}\n{logs}")
     hist = [json.load(open(out / f"history.rank{r}.json")) for r in range(2)]
     return out, hist
 
