@@ -36,32 +36,43 @@ EVAL_DEFAULTS = {
 }
 
 
+def _load_images(loaders, limit):
+    """{key: load} in order -> (RGB images, {key: index into them}) of the first `limit` keys whose image loads;
+    an unreadable image is skipped with a warning."""
+    log = get_logger()
+    images, index, skipped = [], {}, 0
+    for key, load in loaders.items():
+        if len(images) >= limit:
+            break
+        try:
+            images.append(load())
+        except BadImageError as e:
+            skipped += 1
+            log.warning(f"skipped image: {e}")
+            continue
+        index[key] = len(images) - 1
+    if skipped:
+        log.warning(f"{skipped} images skipped")
+    return images, index
+
+
+def _image_loader(path, image_size):
+    return lambda: resize_center_crop(read_image(path), image_size)
+
+
 def image_caption_sets(section, image_size, limit):
     """-> (RGB uint8 images at image_size, {i: [reference captions]}, first caption of each, a key naming the
     image set for the statistics cache)."""
-    log = get_logger()
     if section.source == "shapes":
         ds = ShapesPairs(section.split, min(limit, section.num_samples), image_size, section.lang, section.seed)
         items = [ds.item(i) for i in range(len(ds))]
         return ([it["image"] for it in items], {i: [it["text"]] for i, it in enumerate(items)},
                 [it["text"] for it in items], fingerprint([section.to_dict(), image_size, len(items)]))
     order, refs = group_references(read_pairs(section))
-    images, references, prompts, used, skipped = [], {}, [], [], 0
-    for k, path in enumerate(order):
-        if len(images) >= limit:
-            break
-        try:
-            images.append(resize_center_crop(read_image(path), image_size))
-        except BadImageError as e:
-            skipped += 1
-            log.warning(f"skipped image: {e}")
-            continue
-        references[len(images) - 1] = refs[k]
-        prompts.append(refs[k][0])
-        used.append(path)
-    if skipped:
-        log.warning(f"{skipped} images skipped")
-    return images, references, prompts, fingerprint(used + [image_size])
+    images, index = _load_images({path: _image_loader(path, image_size) for path in order}, limit)
+    references = {index[path]: refs[k] for k, path in enumerate(order) if path in index}
+    prompts = [references[i][0] for i in range(len(images))]
+    return images, references, prompts, fingerprint(list(index) + [image_size])
 
 
 def evaluate_text_to_image(vilg, images, prompts, ev, key, batch=16):
@@ -95,32 +106,24 @@ def question_sets(section, image_size, limit):
     """The questions about the first `limit` images of a split that have any -> (RGB uint8 images at
     image_size, [dict(image=index into the images, question, answers=[str], type=str or None)]). A question asked
     about the same image on several manifest lines keeps every answer given."""
-    log = get_logger()
     if section.source == "shapes":
         ds = ShapesPairs(section.split, min(limit, section.num_samples), image_size, section.lang, section.seed)
         entries = [(("shapes", i), lambda i=i: ds.item(i)["image"], ds.questions(i)) for i in range(len(ds))]
     else:
-        entries = [(p.image, lambda p=p: resize_center_crop(read_image(p.image), image_size), p.qa)
-                   for p in read_pairs(section) if p.qa]
-    images, index, asked, skipped = [], {}, {}, 0
-    for key, load, qa in entries:
+        entries = [(p.image, _image_loader(p.image, image_size), p.qa) for p in read_pairs(section) if p.qa]
+    loaders = {}
+    for key, load, _ in entries:
+        loaders.setdefault(key, load)
+    images, index = _load_images(loaders, limit)
+    asked = {}
+    for key, _, qa in entries:
         if key not in index:
-            if len(images) >= limit:
-                continue
-            try:
-                images.append(load())
-            except BadImageError as e:
-                skipped += 1
-                log.warning(f"skipped image: {e}")
-                continue
-            index[key] = len(images) - 1
+            continue
         for q in qa:
             entry = asked.setdefault((index[key], q["question"]), {"image": index[key], "question": q["question"],
                                                                    "answers": [], "type": q.get("type")})
             if q["answer"] not in entry["answers"]:
                 entry["answers"].append(q["answer"])
-    if skipped:
-        log.warning(f"{skipped} images skipped")
     if not asked:
         raise ValueError(f"Data section ({section.source}"
                          + (f" {section.path}" if section.get("path") else "")
