@@ -32,7 +32,7 @@ def main():
         json.dump(trainer.history, f)
     # Everything the tests compare is written. Two full CI runs saw a rank end with SIGABRT (the launcher's exit
     # status 250 = -6) during interpreter teardown after a pipeline run had saved its last checkpoint, with no
-    # message in either rank's log; it never reproduced alone (3 of 3 runs of that test passed). Leave without
+    # message in either rank's log; it never reproduced alone (4 of 4 runs of that test passed). Leave without
     # the C++ teardown so that the equivalence tests test results, not gloo's shutdown.
     sys.stdout.flush()
     sys.stderr.flush()

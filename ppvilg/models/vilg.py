@@ -148,12 +148,13 @@ class _BiasAdd(PyLayer):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters and names) whose bias gradient in dygraph float32 training comes from
-    _BiasAdd; elsewhere (static programs, export, half precision, frozen bias) plain F.linear."""
+    """nn.Linear (the same parameters and names) whose bias gradient in dygraph float32 training on CPU comes
+    from _BiasAdd; elsewhere (GPU, whose reduction is fast and where AMP may run; static programs, export, half
+    precision, frozen bias) plain F.linear."""
 
     def forward(self, x):
         if (not self.training or self.bias is None or self.bias.stop_gradient or not paddle.in_dynamic_mode()
-                or x.dtype != paddle.float32 or self.weight.dtype != paddle.float32):
+                or not x.place.is_cpu_place() or x.dtype != paddle.float32 or self.weight.dtype != paddle.float32):
             return F.linear(x, self.weight, self.bias)
         return _BiasAdd.apply(paddle.matmul(x, self.weight), self.bias)
 
