@@ -34,6 +34,9 @@ DATASET_DEFAULTS = {
     "image_root": None,      # COCO / COCO-CN / AIC-ICC: folder of the images (COCO default: beside the JSON)
     "translations": None,    # COCO: JSONL {"id": annotation id, "caption": ...} replacing the English captions
     "split_file": None,      # COCO-CN: the list of image ids of a split (e.g. coco-cn_test.txt)
+    "questions": None,       # manifest / coco / coco_cn / aic_icc: an FMIQA-format JSON whose questions join the
+                             # pairs of the same image (by file name or COCO id): VQA training and evaluation
+    "questions_split": None, # its split, when the JSON maps split names to lists
     "split": "train",        # shapes: train | dev | test | heldout (= dev + test; see ppvilg/data/shapes.py)
     "num_samples": 2000,     # shapes: how many pairs
     "lang": "both",          # shapes captions: zh | en | both
@@ -401,6 +404,9 @@ def validate_and_derive(cfg, origin):
             raise ConfigError(f"{origin}: Data.{split}.lang must be zh, en or both, got {d.lang!r}")
         if d.on_bad_line not in ("error", "skip"):
             raise ConfigError(f"{origin}: Data.{split}.on_bad_line must be error or skip, got {d.on_bad_line!r}")
+        if d.questions and d.source in ("shapes", "shards"):
+            raise ConfigError(f"{origin}: Data.{split}.questions joins questions to caption pairs of a manifest, coco, "
+                              f"coco_cn or aic_icc source, not {d.source} (shapes has its own; shards carry theirs)")
     g = cfg.Global
     if not (g.device in ("auto", "cpu", "gpu") or g.device.startswith("gpu:")):
         raise ConfigError(f"{origin}: Global.device must be auto, cpu, gpu or gpu:N, got {g.device!r}")

@@ -18,6 +18,7 @@ from ppvilg.engine.vilg_task import PairBatcher
 from ppvilg.utils.runtime import seed_everything
 
 TINY = os.path.join(ROOT, "configs/tests/vilg_tiny.yaml")
+VQ_TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")   # a Data section without a tokenizer
 
 
 def _cfg(tiny_shards, out, *extra):
@@ -60,6 +61,40 @@ def test_manifest_questions_are_read_and_bad_ones_name_the_line(tmp_path):
         read_jsonl(str(bad))
     with pytest.raises(ValueError, match="question 0"):
         qa_from_meta({"qa": [{"question": "q"}]})
+
+
+def test_fmiqa_questions_join_the_caption_pairs_of_their_image(tmp_path):
+    """Data.<split>.questions: FMIQA-format questions (by file name, or a bare COCO id) join every caption pair of
+    their image; questions about other images are left out with a warning; none matching is an error naming the
+    file; the dataset (and so training, shards and tools/eval.py --task vqa) sees them as the pairs' questions."""
+    from ppvilg.data.datasets import PairDataset
+    from ppvilg.data.images import write_png
+    for name in ("COCO_val2014_000000000042", "COCO_val2014_000000000007"):
+        write_png(str(tmp_path / f"{name}.jpg"), np.zeros((8, 8, 3), np.uint8))
+    coco = {"images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"},
+                       {"id": 7, "file_name": "COCO_val2014_000000000007.jpg"}],
+            "annotations": [{"id": 1, "image_id": 42, "caption": "一只猫"}, {"id": 2, "image_id": 42, "caption": "猫"},
+                            {"id": 3, "image_id": 7, "caption": "一条狗"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco, ensure_ascii=False), encoding="utf-8")
+    fm = {"train": [{"image_id": "COCO_val2014_000000000042", "Question": {"Chinese": "这是什么动物?"},
+                     "Answer": {"Chinese": "猫"}},
+                    {"image_id": "42", "question": "有几只?", "answer": "一只"},
+                    {"image_id": "COCO_val2014_000000000099", "question": "别的图?", "answer": "是"}]}
+    (tmp_path / "fm.json").write_text(json.dumps(fm, ensure_ascii=False), encoding="utf-8")
+    cfg = load_config(VQ_TINY, ["Data.eval.source=coco", f"Data.eval.path={tmp_path / 'captions.json'}",
+                             f"Data.eval.questions={tmp_path / 'fm.json'}", "Data.eval.questions_split=train"])
+    ds = PairDataset(cfg.Data.eval, 8)
+    want = [{"question": "这是什么动物?", "answer": "猫"}, {"question": "有几只?", "answer": "一只"}]
+    assert [ds.qa(i) for i in range(len(ds))] == [want, want, []]
+    assert ds[0]["qa"] == want and ds[2]["qa"] == []
+    (tmp_path / "other.json").write_text(json.dumps([{"image_id": "COCO_val2014_000000000099", "question": "q",
+                                                      "answer": "a"}]), encoding="utf-8")
+    other = load_config(VQ_TINY, ["Data.eval.source=coco", f"Data.eval.path={tmp_path / 'captions.json'}",
+                               f"Data.eval.questions={tmp_path / 'other.json'}"])
+    with pytest.raises(ManifestError, match=r"other.json: none of its 1 questions"):
+        PairDataset(other.Data.eval, 8)
+    with pytest.raises(ConfigError, match="Data.train.questions joins questions"):
+        load_config(VQ_TINY, [f"Data.train.questions={tmp_path / 'fm.json'}"])
 
 
 def test_vqa_loss_is_the_cross_entropy_of_the_answer_tokens_only(tiny_shards, tmp_path):

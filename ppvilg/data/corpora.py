@@ -118,6 +118,48 @@ def fmiqa(path, image_root, split=None):
     return out
 
 
+def _image_key(path_or_id):
+    """The key FMIQA questions and caption pairs meet on: the image file's name without folder or extension
+    (COCO_val2014_000000000042), so an id matches whichever folder the captions' images were resolved under."""
+    return os.path.splitext(os.path.basename(str(path_or_id)))[0]
+
+
+def attach_questions(pairs, path, split=None, log=None):
+    """Join FMIQA-format questions (see fmiqa) to the caption pairs of the same image -> (pairs with their
+    questions in meta["qa"] (kept after any they had), how many questions found an image). An image id
+    matches a pair by file name without extension, or, when it is a bare number, the pair's COCO image_id.
+    ManifestError when no question matches any pair (naming both files); `log` (a logger) hears of the
+    questions about images not among the pairs."""
+    questions = fmiqa(path, "", split)
+    by_name, by_id = {}, {}
+    for k, p in enumerate(pairs):
+        by_name.setdefault(_image_key(p.image), []).append(k)
+        if isinstance(p.meta.get("image_id"), int):
+            by_id.setdefault(p.meta["image_id"], []).append(k)
+    attached, matched = {}, 0
+    for q in questions:
+        key = q["image_id"]
+        rows = by_name.get(_image_key(key)) or (by_id.get(int(key)) if key.isdigit() else None)
+        if not rows:
+            continue
+        matched += 1
+        for k in rows:
+            attached.setdefault(k, []).append({"question": q["question"], "answer": q["answer"]})
+    if not matched:
+        raise ManifestError(f"{path}: none of its {len(questions)} questions is about an image of the caption "
+                            f"pairs (image ids are matched by file name without extension, e.g. "
+                            f"{_image_key(pairs[0].image) if pairs else '?'}, or by COCO image id)")
+    if matched < len(questions) and log is not None:
+        log.warning(f"{path}: {len(questions) - matched} of {len(questions)} questions are about images that are "
+                    "not among the caption pairs; they are not used")
+    out = []
+    for k, p in enumerate(pairs):
+        if k in attached:
+            p = Pair(p.image, p.text, dict(p.meta, qa=p.qa + attached[k]))
+        out.append(p)
+    return out, matched
+
+
 def group_references(pairs):
     """Pairs -> (list of unique image paths, {index: [captions]}) for captioning evaluation."""
     order, refs = [], {}

@@ -12,10 +12,11 @@ import numpy as np
 import paddle
 
 from ppvilg.data.images import MAX_BYTES, MAX_PIXELS, BadImageError, read_image, resize_center_crop, to_tensor_array
-from ppvilg.data.corpora import aic_icc, coco_captions, coco_cn
+from ppvilg.data.corpora import aic_icc, attach_questions, coco_captions, coco_cn
 from ppvilg.data.pairs import read_manifest
 from ppvilg.data.shapes import ShapesPairs
 from ppvilg.data.shards import CodeShards
+from ppvilg.utils.runtime import get_logger
 
 
 class DataError(RuntimeError):
@@ -34,19 +35,23 @@ def read_pairs(section):
 
 
 def read_pairs_and_bad_lines(section):
-    """(pairs, ["file:line: reason" of each skipped manifest line])."""
+    """(pairs, ["file:line: reason" of each skipped manifest line]); with `questions` (an FMIQA-format JSON)
+    its questions join the pairs of the same image (ppvilg.data.corpora.attach_questions)."""
+    bad = []
     if section.source == "manifest":
-        bad = []
         pairs = read_manifest(section.path, section.get("on_bad_line", "error"),
                               section.get("allow_outside_paths", False), bad)
-        return pairs, bad
-    if section.source == "coco":
-        return coco_captions(section.path, section.image_root, section.translations), []
-    if section.source == "coco_cn":
-        return coco_cn(section.path, section.image_root, section.split_file), []
-    if section.source == "aic_icc":
-        return aic_icc(section.path, section.image_root), []
-    raise ValueError(f"source {section.source!r} has no pair list")
+    elif section.source == "coco":
+        pairs = coco_captions(section.path, section.image_root, section.translations)
+    elif section.source == "coco_cn":
+        pairs = coco_cn(section.path, section.image_root, section.split_file)
+    elif section.source == "aic_icc":
+        pairs = aic_icc(section.path, section.image_root)
+    else:
+        raise ValueError(f"source {section.source!r} has no pair list")
+    if section.get("questions"):
+        pairs, _ = attach_questions(pairs, section.questions, section.get("questions_split"), get_logger())
+    return pairs, bad
 
 
 class PairDataset(paddle.io.Dataset):
