@@ -98,8 +98,8 @@ def _field(entry, *names):
     return None
 
 
-def fmiqa(path, image_root, split=None):
-    """-> list of dict(image, question, answer, image_id)."""
+def fmiqa_entries(path, split=None):
+    """An FMIQA-format JSON's entries -> list of dict(image_id, question, answer) (no image paths resolved)."""
     data = _load_json(path)
     if isinstance(data, dict):
         if split is None:
@@ -113,9 +113,13 @@ def fmiqa(path, image_root, split=None):
         if image_id is None or not isinstance(q, str) or not isinstance(a, str):
             raise ManifestError(f"{path}: entry {k} needs an image id, a question and an answer (got keys "
                                 f"{sorted(e)})")
-        out.append({"image": coco_image_path(image_root, str(image_id)), "question": q.strip(),
-                    "answer": a.strip(), "image_id": str(image_id)})
+        out.append({"image_id": str(image_id), "question": q.strip(), "answer": a.strip()})
     return out
+
+
+def fmiqa(path, image_root, split=None):
+    """-> list of dict(image, question, answer, image_id), the image ids resolved under image_root."""
+    return [dict(e, image=coco_image_path(image_root, e["image_id"])) for e in fmiqa_entries(path, split)]
 
 
 def _image_key(path_or_id):
@@ -125,12 +129,12 @@ def _image_key(path_or_id):
 
 
 def attach_questions(pairs, path, split=None, log=None):
-    """Join FMIQA-format questions (see fmiqa) to the caption pairs of the same image -> (pairs with their
-    questions in meta["qa"] (kept after any they had), how many questions found an image). An image id
+    """Join FMIQA-format questions (see fmiqa) to the caption pairs of the same image -> the pairs, with their
+    questions in meta["qa"] (kept after any they had). An image id
     matches a pair by file name without extension, or, when it is a bare number, the pair's COCO image_id.
     ManifestError when no question matches any pair (naming both files); `log` (a logger) hears of the
     questions about images not among the pairs."""
-    questions = fmiqa(path, "", split)
+    questions = fmiqa_entries(path, split)
     by_name, by_id = {}, {}
     for k, p in enumerate(pairs):
         by_name.setdefault(_image_key(p.image), []).append(k)
@@ -157,7 +161,7 @@ def attach_questions(pairs, path, split=None, log=None):
         if k in attached:
             p = Pair(p.image, p.text, dict(p.meta, qa=p.qa + attached[k]))
         out.append(p)
-    return out, matched
+    return out
 
 
 def group_references(pairs):

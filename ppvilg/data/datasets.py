@@ -50,7 +50,7 @@ def read_pairs_and_bad_lines(section):
     else:
         raise ValueError(f"source {section.source!r} has no pair list")
     if section.get("questions"):
-        pairs, _ = attach_questions(pairs, section.questions, section.get("questions_split"), get_logger())
+        pairs = attach_questions(pairs, section.questions, section.get("questions_split"), get_logger())
     return pairs, bad
 
 

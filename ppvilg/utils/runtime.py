@@ -48,10 +48,10 @@ def setup_device(device="auto", num_threads=2):
 
 @contextlib.contextmanager
 def training_kernels():
-    """Paddle kernel settings for a training step (Trainer.fit enters it around each), restored on exit. On CPU, stride kernels off:
-    with them a transpose or slice is a strided view, and the backward of the attention's reshape / transpose
-    pairs then copies through a slow generic strided kernel (the demo's stage-2 step: 1.07 s with them, 0.69 s
-    without; benchmarks/bench_train.py). Decoding keeps them: its KV-cache slices are views (~15% faster)."""
+    """Paddle kernel settings for a training step (Trainer.fit enters it around each), restored on exit. On CPU,
+    stride kernels off: with them a transpose or slice is a strided view, and the backward of the attention's
+    reshape / transpose pairs then copies through a slow generic strided kernel (the demo's stage-2 step: 1.07 s
+    with them, 0.69 s without; benchmarks/bench_train.py). Decoding keeps them: its KV-cache slices are views (~15% faster)."""
     if paddle.get_device() != "cpu":
         yield
         return
