@@ -7,8 +7,11 @@ when asked), backward and an AdamW update, with the shapes data's own captions, 
 the text head over every target slot (loss_only off) against the head on the labelled slots only (loss_only, what
 training runs), with and without VQA; and, for the two-direction loss_only step, the CPU kernel choices of
 training (ppvilg.utils.runtime.training_kernels, ppvilg.models.vilg.Linear) against Paddle's defaults: stride
-kernels on / off, and the bias gradient of paddle.nn.Linear against Linear's ones @ grad. Every step runs under
-training_kernels (what Trainer does) unless said. The last line is one JSON object.
+kernels on / off, and the bias gradient of paddle.nn.Linear against Linear's ones @ grad; the text slots no row
+fills cut (ppvilg.models.layout.trim_text, what ViLGTask.losses runs) against the full max_text_len sequences; the
+attention masks per head (what ViLG.hidden builds on CPU) against [B, 1, S, S] broadcast over the heads. Every
+step runs under training_kernels (what Trainer does) and cuts the text padding unless said. The last line is one
+JSON object.
 """
 import argparse
 import json
@@ -24,6 +27,7 @@ import paddle  # noqa: E402
 
 from ppvilg.data.shapes import ShapesPairs  # noqa: E402
 from ppvilg.engine.vilg_task import PairBatcher  # noqa: E402
+from ppvilg.models.layout import trim_text  # noqa: E402
 from ppvilg.models.vilg import Linear, ViLG, ViLGConfig  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
 
@@ -50,11 +54,17 @@ def main(argv=None):
     ids1, v1, l1 = b.text_to_image(codes, texts)
     ids2, v2, l2 = b.image_to_text(codes, texts)
     ids3, v3, l3 = b.vqa(codes[rows], qs, ans)
+    directions = [(b.t2i, ids1, v1, l1), (b.i2t, ids2, v2, l2), (b.vqa_layout, ids3, v3, l3)]
+    lengths = {}
 
-    def step(vqa, loss_only):
-        seqs = [[t(ids1), t(ids2)], [v1, v2], [b.t2i, b.i2t], [t(l1), t(l2)]]
-        if vqa:
-            for part, x in zip(seqs, (t(ids3), v3, b.vqa_layout, t(l3))):
+    def step(vqa, loss_only, cut=True):
+        seqs = [[], [], [], []]
+        for lay, ids, valid, labels in directions[:3 if vqa else 2]:
+            if cut:   # what ViLGTask.losses runs: the text slots no row fills are cut
+                lay, keep, labels = trim_text(lay, valid, labels)
+                ids, valid = ids[:, keep], valid[:, keep]
+            lengths[(lay.kinds, cut)] = lay.length
+            for part, x in zip(seqs, (t(ids), valid, lay, t(labels))):
                 part.append(x)
         out = model(*seqs, loss_only=loss_only)
         loss = sum(o[1] for o in out)
@@ -62,11 +72,11 @@ def main(argv=None):
         opt.step()
         opt.clear_grad()
 
-    def timed(vqa, loss_only):
-        step(vqa, loss_only)   # warm-up
+    def timed(vqa, loss_only, cut=True):
+        step(vqa, loss_only, cut)   # warm-up
         t0 = time.perf_counter()
         for _ in range(a.steps):
-            step(vqa, loss_only)
+            step(vqa, loss_only, cut)
         return (time.perf_counter() - t0) / a.steps * 1e3
 
     results = {}
@@ -77,6 +87,14 @@ def main(argv=None):
             key = f"{'with_vqa' if vqa else 'two_directions'}_{'loss_only' if loss_only else 'full_head'}_ms"
             results[key] = ms
             print(f"{key:<36} {ms:8.1f} ms per step", flush=True)
+    with training_kernels():
+        results["full_text_slots_ms"] = timed(False, True, cut=False)
+        results["full_text_slots_with_vqa_ms"] = timed(True, True, cut=False)
+        model.layer_masks = lambda layout, valid, dtype, heads: ViLG.layer_masks(model, layout, valid, dtype, 1)
+        results["broadcast_masks_ms"] = timed(False, True)   # masks [B, 1, S, S], broadcast over the heads
+        del model.layer_masks
+    for key in ("full_text_slots_ms", "full_text_slots_with_vqa_ms", "broadcast_masks_ms"):
+        print(f"{key:<36} {results[key]:8.1f} ms per step", flush=True)
 
     linears = [m for m in model.sublayers() if type(m) is Linear]
     for m in linears:   # paddle.nn.Linear's own forward: its bias gradient by Paddle's broadcast-add backward
@@ -96,11 +114,19 @@ def main(argv=None):
     results["loss_only_speedup"] = results["two_directions_full_head_ms"] / results["two_directions_loss_only_ms"]
     results["loss_only_speedup_with_vqa"] = results["with_vqa_full_head_ms"] / results["with_vqa_loss_only_ms"]
     results["vqa_cost_loss_only"] = results["with_vqa_loss_only_ms"] / results["two_directions_loss_only_ms"]
+    results["text_cut_speedup"] = results["full_text_slots_ms"] / results["two_directions_loss_only_ms"]
+    results["text_cut_speedup_with_vqa"] = results["full_text_slots_with_vqa_ms"] / results["with_vqa_loss_only_ms"]
+    results["per_head_masks_speedup"] = results["broadcast_masks_ms"] / results["two_directions_loss_only_ms"]
+    results["sequence_lengths"] = {f"{'+'.join(map(str, kinds))}{'' if cut else '_full'}": n
+                                   for (kinds, cut), n in lengths.items()}
     results.update(batch=a.batch, steps=a.steps, threads=a.threads, vqa_rows=len(rows),
                    labelled_text_slots=int((l2 >= 0).sum() + (l3 >= 0).sum()),
                    text_slots=int(l2.size + l3.size))
     print(f"loss_only: x{results['loss_only_speedup']:.2f} (two directions), x{results['loss_only_speedup_with_vqa']:.2f} "
           f"(with VQA); VQA for {len(rows)} of {a.batch} pairs costs x{results['vqa_cost_loss_only']:.2f}")
+    print(f"text slots no row fills cut: x{results['text_cut_speedup']:.2f} (two directions), "
+          f"x{results['text_cut_speedup_with_vqa']:.2f} (with VQA); masks per head instead of broadcast: "
+          f"x{results['per_head_masks_speedup']:.2f}")
     print(f"training kernels against Paddle's defaults: x{results['training_kernels_speedup']:.2f} (stride kernels "
           f"off x{results['stride_kernels_off_speedup']:.2f}, then Linear's bias gradient "
           f"x{results['linear_bias_grad_speedup']:.2f})")

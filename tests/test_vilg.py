@@ -9,7 +9,7 @@ from ppvilg.config import ConfigError, load_config
 from ppvilg.engine.tasks import build_task
 from ppvilg.engine.trainer import Trainer
 from ppvilg.engine.vilg_task import PairBatcher
-from ppvilg.models.layout import image_to_text, layer_pattern, pattern_mask, text_to_image, vqa
+from ppvilg.models.layout import image_to_text, layer_pattern, pattern_mask, text_to_image, trim_text, vqa
 from ppvilg.models.vilg import ViLG, ViLGConfig, count_parameters
 from ppvilg.text.tokenizer import TextTokenizer
 from ppvilg.utils.runtime import seed_everything
@@ -309,3 +309,42 @@ def test_training_kernels_are_scoped_to_the_training_step():
     with training_kernels():
         assert paddle.get_flags([flag])[flag] is False
     assert paddle.get_flags([flag])[flag] == before
+
+
+def test_training_cuts_text_padding_with_the_same_losses_and_gradients(tiny_shards, tmp_path):
+    """ViLGTask.losses drops the text slots no row of the batch fills (trim_text): losses and gradients equal
+    those of the full max_text_len sequences, in every direction, VQA included."""
+    cfg = load_config(TINY, [f"Global.output_dir={tmp_path}", f"Data.train.path={tiny_shards / 'train'}",
+                             f"Data.eval.path={tiny_shards / 'eval'}"])
+    task = build_task(cfg)
+    m, b = task.model, task.batcher
+    m.train()
+    codes = np.random.default_rng(0).integers(0, m.config.num_codes, [3, m.config.grid, m.config.grid])
+    texts = ["一个红色圆形", "a blue square", "red"]
+    vqa = (np.array([0, 2]), ["what colour is it?", "什么形状"], ["red", "圆形"])
+
+    def run(losses):
+        m.clear_gradients()
+        losses = [x for x in losses if x is not None]
+        sum(losses).backward()
+        return [float(x) for x in losses], {n: p.grad.numpy() for n, p in m.named_parameters() if p.grad is not None}
+
+    l_t2i, l_i2t, _, _, l_vqa, _, _ = task.losses(codes, texts, vqa=vqa)
+    cut, cut_grads = run([l_t2i, l_i2t, l_vqa])
+    seqs = [b.text_to_image(codes, texts), b.image_to_text(codes, texts), b.vqa(codes[vqa[0]], vqa[1], vqa[2])]
+    for (ids, valid, _), lay in zip(seqs, (b.t2i, b.i2t, b.vqa_layout)):
+        assert trim_text(lay, valid)[0].length < lay.length     # there was padding to cut
+    t = paddle.to_tensor
+    out = m([t(s[0]) for s in seqs], [s[1] for s in seqs], [b.t2i, b.i2t, b.vqa_layout], [t(s[2]) for s in seqs],
+            loss_only=True)
+    full, full_grads = run([o[1] for o in out])
+    np.testing.assert_allclose(cut, full, rtol=1e-5)
+    assert cut_grads.keys() == full_grads.keys()
+    for n in full_grads:
+        scale = float(np.abs(full_grads[n]).max())
+        np.testing.assert_allclose(cut_grads[n], full_grads[n], rtol=1e-4, atol=1e-4 * scale + 1e-9, err_msg=n)
+    with pytest.raises(ValueError, match="labels on text slots"):
+        ids, valid, labels = seqs[1]
+        labels = labels.copy()
+        labels[:, -1] = 5
+        trim_text(b.i2t, valid, labels)

@@ -26,7 +26,7 @@ from ppvilg.checkpoints import CheckpointError, load_matching_image_tokenizer, r
 from ppvilg.distributed import convert
 from ppvilg.engine.task_interface import Task
 from ppvilg.evaluation import EVAL_DEFAULTS
-from ppvilg.models.layout import direction_layouts
+from ppvilg.models.layout import direction_layouts, trim_text
 from ppvilg.models.reconstructor import E2EReconstructor
 from ppvilg.models.vilg import ATTENTION_KERNELS, ViLG, parallel_layout_errors
 from ppvilg.models.vilg_pp import build_pipeline, to_model_names, to_pipeline_names
@@ -290,19 +290,26 @@ class ViLGTask(Task):
 
     def losses(self, codes, texts, drop=None, images=None, vqa=None):
         """(text->image loss, image->text loss, their label arrays, VQA loss and its label array (None, None
-        without VQA), reconstruction loss or None) for one batch; vqa: (rows, questions, answers) from PairBatcher.pick_questions (rows with none: no VQA
-        loss); the reconstruction loss needs the real images [B, 3, H, W] and Loss.end_to_end."""
+        without VQA), reconstruction loss or None) for one batch; vqa: (rows, questions, answers) from
+        PairBatcher.pick_questions (rows with none: no VQA loss); the reconstruction loss needs the real images
+        [B, 3, H, W] and Loss.end_to_end. The text slots no row of the batch fills are cut from every sequence
+        (trim_text: the same losses, less work) and from the label arrays returned."""
         b = self.batcher
-        ids1, valid1, lab_img = b.text_to_image(codes, texts, drop)
-        ids2, valid2, lab_txt = b.image_to_text(codes, texts)
         t = paddle.to_tensor
         e2e = self.reconstructor is not None and images is not None
-        seqs = [[t(ids1), t(ids2)], [valid1, valid2], [b.t2i, b.i2t], [t(lab_img), t(lab_txt)]]
+        seqs = [[], [], [], []]    # ids, valid, layouts, labels of each direction (text slots no row fills cut)
+
+        def add(layout, ids, valid, labels):
+            layout, keep, labels = trim_text(layout, valid, labels)
+            for part, x in zip(seqs, (t(ids[:, keep]), valid[:, keep], layout, t(labels))):
+                part.append(x)
+            return labels
+
+        lab_img = add(b.t2i, *b.text_to_image(codes, texts, drop))
+        lab_txt = add(b.i2t, *b.image_to_text(codes, texts))
         lab_vqa = None
         if vqa is not None and len(vqa[0]):
-            ids3, valid3, lab_vqa = b.vqa(codes[vqa[0]], vqa[1], vqa[2])
-            for part, x in zip(seqs, (t(ids3), valid3, b.vqa_layout, t(lab_vqa))):
-                part.append(x)
+            lab_vqa = add(b.vqa_layout, *b.vqa(codes[vqa[0]], vqa[1], vqa[2]))
         (_, l_t2i, *hid), (_, l_i2t, *_), *rest = self.train_model(*seqs, return_hidden=e2e,  # one call: see
                                                                    loss_only=True)                # ViLG.forward
         l_vqa = rest[0][1] if rest else None

@@ -74,6 +74,32 @@ def direction_layouts(text_len, grid):
             "vqa": vqa(text_len, text_len, grid)}
 
 
+def trim_text(layout, valid, labels=None):
+    """Shorten each text segment of a batch's layout to the slots some row fills: (layout, the kept slots'
+    indices into the full sequence, labels cut to the new target length). Texts are padded at their end to
+    max_text_len, padding slots are invalid keys and their outputs are never used, and image positions do not
+    depend on text lengths, so the kept slots compute what they compute in the full sequence (training on short
+    captions then skips the padding: see ViLGTask.losses). valid: bool [B, S]; labels [B, target length] with
+    -100 on unlabelled slots, whose cut part must be unlabelled."""
+    valid = np.asarray(valid)
+    lengths, keep = [], []
+    for k, (kind, n) in enumerate(zip(layout.kinds, layout.lengths)):
+        start = layout.segment_start(k)
+        m = n
+        if kind in (TEXT_SRC, TEXT_TGT):
+            filled = np.flatnonzero(valid[:, start:start + n].any(0))
+            m = int(filled[-1]) + 1 if len(filled) else 1   # one slot at least: a segment never vanishes
+        lengths.append(m)
+        keep.append(np.arange(start, start + m))
+    trimmed = Layout(layout.kinds, tuple(lengths))
+    if labels is not None:
+        labels = np.asarray(labels)
+        if (labels[:, lengths[-1]:] != -100).any():
+            raise ValueError("trim_text: labels on text slots that no row fills")
+        labels = labels[:, :lengths[-1]]
+    return trimmed, np.concatenate(keep), labels
+
+
 def layer_pattern(layer, num_layers, attention):
     if attention == "dense":
         return "dense"
