@@ -390,7 +390,7 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
 
     def layer_masks(self, layout, valid, dtype="float32", heads=1):
         """Additive masks [B, heads, S, S] per layer (shared objects for equal patterns): heads 1 broadcasts
-        over the attention heads; `hidden` passes them all on CPU (see there)."""
+        over the attention heads; `hidden` passes them all in CPU training (see there)."""
         base = base_mask(layout, valid)
         cache, out = {}, []
         for i in range(self.config.num_layers):
@@ -408,8 +408,10 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
         kind, pos = layout.arrays()
         x = self.embed(ids, kind, pos)
         # Paddle's CPU add with broadcasting is ~15x slower than a same-shape add (3.9 against 0.23 ms for the
-        # demo's scores [32, 4, 88, 88] + [32, 1, 88, 88]): there the masks come per head, built once per forward
-        heads = self.blocks[0].attn.heads if x.place.is_cpu_place() and self.config.attention_kernel == "matmul" else 1
+        # demo's scores [32, 4, 88, 88] + [32, 1, 88, 88]): in CPU training the masks come per head, built once
+        # per forward (training keeps every layer's scores for backward anyway; inference does not pay the memory)
+        per_head = self.training and x.place.is_cpu_place() and self.config.attention_kernel == "matmul"
+        heads = self.blocks[0].attn.heads if per_head else 1
         masks = self.layer_masks(layout, np.asarray(valid), x.dtype, heads)
         for block, m in zip(self.blocks, masks):
             x = block(x, m)
