@@ -90,6 +90,44 @@ def test_two_processes_equal_one(reference, name, extra, data_parallel):
         np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)
 
 
+@pytest.fixture(scope="module")
+def lora_reference(tiny_shards, tmp_path_factory):
+    """As `reference`, for a model with rank-2 LoRA adapters whose B factors start non-zero (so both factors of
+    every adapter move in the first step): only the adapters train."""
+    root = tmp_path_factory.mktemp("dist_lora")
+    init = root / "init"
+    lora = ["Model.lora_rank=2"]
+    cfg = load_config(TINY, _overrides(tiny_shards, root / "ref", init) + lora)
+    seed_everything(0)
+    task = build_task(cfg)
+    for name, p in task.model.named_parameters():
+        if name.endswith(".lora_B"):
+            p.set_value(paddle.randn(p.shape) * 0.05)
+    save_checkpoint(str(init), cfg, {"model": task.model.state_dict()}, {}, {"step": 0, "task": "vilg", "model": "vilg"})
+    cfg = load_config(TINY, _overrides(tiny_shards, root / "ref", init) + lora + ["Train.accum_steps=2"])
+    trainer = Trainer(cfg, build_task(cfg))
+    trainer.fit()
+    final = read_full_state(resolve_checkpoint(str(root / "ref")))
+    return tiny_shards, init, [h["loss"] for h in trainer.history], final, root
+
+
+def test_tensor_parallel_lora_equals_one_process(lora_reference):
+    """LoRA under mp = 2 (lora.LoRALinear: column layers split B, row layers split A): the same losses, adapters
+    and (frozen) base weights as one process."""
+    _, init, ref_losses, ref_final, _ = lora_reference
+    out, hist = _launch(lora_reference, "mp2_lora", ["Distributed.mp_degree=2", "Train.accum_steps=2",
+                                                     "Model.lora_rank=2"])
+    np.testing.assert_allclose([h["loss"] for h in hist[0]], ref_losses, atol=TOL, rtol=0)
+    final, start = read_full_state(resolve_checkpoint(str(out))), read_full_state(str(init))
+    assert sorted(final) == sorted(ref_final)
+    adapters = [k for k in ref_final if k.endswith((".lora_A", ".lora_B"))]
+    assert len(adapters) == 2 * 6 * 2    # 2 layers x 6 projections x (A, B)
+    for k in adapters:
+        assert not np.allclose(ref_final[k], start[k]), k    # every factor trained
+    for k in ref_final:
+        np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)
+
+
 def test_merge_split_round_trip():
     c = ViLGConfig(**dict(ViLGConfig.PRESETS["tiny"], num_layers=3, text_vocab_size=12296))
     paddle.seed(1)

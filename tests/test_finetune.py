@@ -126,7 +126,7 @@ def test_frozen_parameters_do_not_change(run_dirs, tmp_path):
     with pytest.raises(ValueError, match="matches no parameter"):
         Trainer(cfg, build_task(cfg))
     with pytest.raises(ConfigError, match="lora_rank"):
-        load_config(TINY, ["Model.lora_rank=2", "Distributed.mp_degree=2"])
+        load_config(TINY, ["Model.lora_rank=2", "Distributed.pp_degree=2"])
 
 
 def _tool(*args):

@@ -140,9 +140,9 @@ class ViLGTask(Task):
         for _, msg, hint in parallel_layout_errors(model_config(cfg.Model), d.mp_degree, d.pp_degree):
             raise ConfigError(f"{origin}: Distributed (mp_degree {d.mp_degree}, pp_degree {d.pp_degree}): {msg}"
                               + (f" ({hint})" if hint else ""))
-        if cfg.Model.lora_rank > 0 and (d.mp_degree > 1 or d.pp_degree > 1):   # (>= 0: the Model checks)
-            raise ConfigError(f"{origin}: Model.lora_rank {cfg.Model.lora_rank}: adapters train with mp_degree 1 "
-                              f"and pp_degree 1 (got mp {d.mp_degree}, pp {d.pp_degree})")
+        if cfg.Model.lora_rank > 0 and d.pp_degree > 1:   # (>= 0: the Model checks; tensor parallel splits them)
+            raise ConfigError(f"{origin}: Model.lora_rank {cfg.Model.lora_rank}: adapters train with pp_degree 1 "
+                              f"(got {d.pp_degree}; mp_degree > 1 is fine)")
         if cfg.Model.attention not in ("dense", "sparse"):
             raise ConfigError(f"{origin}: Model.attention must be dense or sparse, got {cfg.Model.attention!r}")
         if cfg.Model.attention_kernel not in ATTENTION_KERNELS:

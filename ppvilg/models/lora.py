@@ -21,29 +21,70 @@ import paddle.nn.functional as F
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
+def parallel_kind(layer):
+    """'col' / 'row' for Fleet's tensor-parallel linear layers (output / input split), None for plain
+    paddle.nn.Linear; a TypeError for anything else."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if type(layer).__module__.startswith("paddle.distributed"):
+        from paddle.distributed.fleet.meta_parallel import ColumnParallelLinear, RowParallelLinear
+        if isinstance(layer, ColumnParallelLinear):
+            return "col"
+        if isinstance(layer, RowParallelLinear):
+            return "row"
+    raise TypeError(f"LoRA adapts paddle.nn.Linear and Fleet's Column/RowParallelLinear, got {type(layer).__name__}")
+
+
+def is_linear(layer):
+    try:
+        parallel_kind(layer)
+        return True
+    except TypeError:
+        return False
+
+
 class LoRALinear(nn.Layer):
-    """A paddle.nn.Linear's weight and bias (the same Parameter objects, frozen) plus a rank-r adapter."""
+    """A linear layer's weight and bias (the same Parameter objects, frozen, under the same names) plus a rank-r
+    adapter. Under tensor parallel (Fleet's ColumnParallelLinear / RowParallelLinear) the adapter is split with
+    its layer: for a column-split layer B [r, out / mp] is split and A [in, r] replicated, x A then entering the
+    ranks' B through an identity whose backward sums the ranks' gradients; for a row-split layer A [in / mp, r]
+    is split and B [r, out] replicated, the ranks' x A summed before B. Every rank then holds the same gradient
+    for the replicated factor, and the merged weight W + A B * alpha / r is split as W is."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRA adapts paddle.nn.Linear layers, got {type(base).__name__}")
-        d_in, d_out = base.weight.shape
+        self.kind = parallel_kind(base)
+        self._base = (base,)   # its forward (a tuple: not a sublayer, so the parameters keep their names here)
         self.weight, self.bias = base.weight, base.bias
         self.weight.stop_gradient = True
         if self.bias is not None:
             self.bias.stop_gradient = True
+        d_in, d_out = base.weight.shape
+        mp = 1 if self.kind is None else base.world_size
+        self.group = None if self.kind is None else base.model_parallel_group
+        full_in = d_in * mp if self.kind == "row" else d_in
         self.rank, self.scale = rank, alpha / rank
         self.lora_A = self.create_parameter(
-            [d_in, rank], attr=paddle.ParamAttr(initializer=nn.initializer.Uniform(-1 / math.sqrt(d_in),
-                                                                                   1 / math.sqrt(d_in))))
+            [d_in, rank], attr=paddle.ParamAttr(initializer=nn.initializer.Uniform(-1 / math.sqrt(full_in),
+                                                                                   1 / math.sqrt(full_in))))
         self.lora_B = self.create_parameter([rank, d_out], attr=paddle.ParamAttr(
             initializer=nn.initializer.Constant(0.0)))
+        if mp > 1:   # what Fleet's gradient clipping and parameter broadcast read
+            split = self.lora_B if self.kind == "col" else self.lora_A
+            split.is_distributed, split.split_axis = True, 1 if self.kind == "col" else 0
+            (self.lora_A if self.kind == "col" else self.lora_B).is_distributed = False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x):
-        h = x if self.dropout is None else self.dropout(x)
-        return F.linear(x, self.weight, self.bias) + paddle.matmul(paddle.matmul(h, self.lora_A), self.lora_B) * self.scale
+        h = paddle.matmul(x if self.dropout is None else self.dropout(x), self.lora_A)
+        if self.group is not None and self.group.nranks > 1:
+            from paddle.distributed.fleet.layers.mpu import mp_ops
+            if self.kind == "col":
+                h = mp_ops._c_identity(h, group=self.group)
+            else:
+                h = mp_ops._mp_allreduce(h, group=self.group, use_calc_stream=True, use_model_parallel=True)
+        base = self._base[0](x) if self.kind is not None else F.linear(x, self.weight, self.bias)
+        return base + paddle.matmul(h, self.lora_B) * self.scale
 
 
 def matches(name, patterns):
@@ -53,8 +94,7 @@ def matches(name, patterns):
 
 def target_names(block, patterns):
     """The names of a block's nn.Linear sublayers that match the comma-separated globs."""
-    return [name for name, layer in block.named_sublayers() if isinstance(layer, nn.Linear)
-            and matches(name, patterns)]
+    return [name for name, layer in block.named_sublayers() if is_linear(layer) and matches(name, patterns)]
 
 
 def add_lora(blocks, rank, alpha, dropout, patterns):
@@ -65,7 +105,7 @@ def add_lora(blocks, rank, alpha, dropout, patterns):
     names = target_names(blocks[0], patterns)
     if not names:
         raise ValueError(f"Model.lora_targets {patterns!r} matches no linear layer of a block (they are: "
-                         f"{', '.join(n for n, layer in blocks[0].named_sublayers() if isinstance(layer, nn.Linear))})")
+                         f"{', '.join(n for n, layer in blocks[0].named_sublayers() if is_linear(layer))})")
     for block in blocks:
         for name in names:
             parent_name, _, attr = name.rpartition(".")

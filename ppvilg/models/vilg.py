@@ -117,6 +117,8 @@ MP_SPLIT_AXES = {
     r"blocks\.\d+\.mlp\.0\.weight": 1,
     r"blocks\.\d+\.mlp\.0\.bias": 0,
     r"blocks\.\d+\.mlp\.2\.weight": 0,
+    r"blocks\.\d+\.(attn\.(q|k|v)|mlp\.0)\.lora_B": 1,      # LoRA adapters split with their layer (lora.LoRALinear)
+    r"blocks\.\d+\.(attn\.proj|mlp\.2)\.lora_A": 0,
 }
 
 
@@ -380,8 +382,6 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
         self._build_heads(c, mp, mp_group)
         self.apply(init_layer)
         if c.lora_rank > 0:   # after the initialisation: the adapters keep their own (B = 0)
-            if mp > 1:
-                raise ValueError("LoRA adapters need mp_degree 1")
             add_lora(self.blocks, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
             for name, p in self.named_parameters():   # only the adapters train (Train.trainable adds more)
                 p.stop_gradient = not is_lora(name)
