@@ -151,3 +151,24 @@ def test_ema_codebook_update_by_value():
     np.testing.assert_allclose(q.ema_sum.numpy(), ema_sum, rtol=1e-5)
     np.testing.assert_allclose(q.codebook.numpy(), ema_sum / smoothed[:, None], rtol=1e-5)
     np.testing.assert_allclose(q.usage.numpy(), 0.1 * onehot.sum(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1)])
+def test_conv_bias_over_flattened_pixels_equals_paddle_conv(stride, padding):
+    """ppvilg.vq.model.Conv2D adds its bias over [N, C, H * W] on CPU: outputs and every gradient equal
+    paddle.nn.Conv2D's own forward with the same parameters."""
+    from ppvilg.vq.model import Conv2D
+    paddle.seed(0)
+    conv = Conv2D(8, 16, 3, stride=stride, padding=padding)
+    conv.bias.set_value(paddle.randn([16]))
+    x = paddle.randn([3, 8, 10, 12])
+    x.stop_gradient = False
+    results = []
+    for forward in (conv.forward, lambda t: paddle.nn.Conv2D.forward(conv, t)):
+        conv.clear_gradients()
+        x.clear_gradient()
+        y = forward(x)
+        y.backward(paddle.to_tensor(np.random.default_rng(1).standard_normal(y.shape).astype("float32")))
+        results.append([y.numpy(), x.grad.numpy(), conv.weight.grad.numpy(), conv.bias.grad.numpy()])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ Choices the paper leaves open, made here:
 """
 import paddle.nn as nn
 
-from ppvilg.vq.model import ImageDecoder
+from ppvilg.vq.model import Conv2D, ImageDecoder
 
 
 class E2EReconstructor(nn.Layer):
@@ -21,7 +21,7 @@ class E2EReconstructor(nn.Layer):
         self.vq_config = vq_config
         self.mapping = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.GELU(),
                                      nn.Linear(2 * hidden_size, vq_config.embed_dim))
-        self.post_quant_conv = nn.Conv2D(vq_config.embed_dim, vq_config.z_channels, 1)
+        self.post_quant_conv = Conv2D(vq_config.embed_dim, vq_config.z_channels, 1)
         self.decoder = ImageDecoder(vq_config)
 
     @classmethod

@@ -13,20 +13,22 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ppvilg.vq.model import Conv2D
+
 
 class PatchDiscriminator(nn.Layer):
     """PatchGAN (pix2pix) discriminator: a grid of real/fake logits, one per receptive-field patch."""
 
     def __init__(self, in_channels=3, base_channels=64, n_layers=3):
         super().__init__()
-        layers = [nn.Conv2D(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        layers = [Conv2D(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = base_channels
         for i in range(1, n_layers + 1):
             out = base_channels * min(2 ** i, 8)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2D(ch, out, 4, stride, 1, bias_attr=False), nn.BatchNorm2D(out), nn.LeakyReLU(0.2)]
+            layers += [Conv2D(ch, out, 4, stride, 1, bias_attr=False), nn.BatchNorm2D(out), nn.LeakyReLU(0.2)]
             ch = out
-        layers.append(nn.Conv2D(ch, 1, 4, 1, 1))
+        layers.append(Conv2D(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
         for m in self.sublayers():
             if isinstance(m, nn.Conv2D):

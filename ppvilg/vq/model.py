@@ -52,6 +52,21 @@ class VQGANConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
+class Conv2D(nn.Conv2D):
+    """nn.Conv2D (the same parameters and names) whose bias, in dygraph on CPU, is added over [N, C, H * W]:
+    Paddle's CPU add that broadcasts a [1, C, 1, 1] bias over [N, C, H, W], and its gradient, cost ~5x that
+    (convolution + bias forward and backward at [16, 32, 32, 32]: 23.3 ms against 18.2; without a bias 16.9).
+    Elsewhere (static programs and export, GPU, other padding modes or layouts) nn.Conv2D's own forward."""
+
+    def forward(self, x):
+        if (self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place()
+                or self._padding_mode != "zeros" or self._data_format != "NCHW"):
+            return super().forward(x)
+        y = F.conv2d(x, self.weight, None, self._stride, self._padding, self._dilation, self._groups)
+        c = y.shape[1]
+        return (y.reshape([0, c, -1]) + self.bias.reshape([c, 1])).reshape(y.shape)
+
+
 def _norm(ch, groups):
     return nn.GroupNorm(groups, ch, epsilon=1e-6)
 
@@ -59,10 +74,10 @@ def _norm(ch, groups):
 class ResBlock(nn.Layer):
     def __init__(self, cin, cout, groups, dropout):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin, groups), nn.Conv2D(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout, groups), nn.Conv2D(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cin, groups), Conv2D(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout, groups), Conv2D(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
-        self.skip = nn.Conv2D(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = Conv2D(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.swish(self.norm1(x)))
@@ -74,8 +89,8 @@ class AttnBlock(nn.Layer):
     def __init__(self, ch, groups):
         super().__init__()
         self.norm = _norm(ch, groups)
-        self.qkv = nn.Conv2D(ch, 3 * ch, 1)
-        self.proj = nn.Conv2D(ch, ch, 1)
+        self.qkv = Conv2D(ch, 3 * ch, 1)
+        self.proj = Conv2D(ch, ch, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -89,7 +104,7 @@ class ImageEncoder(nn.Layer):
     def __init__(self, c: VQGANConfig):
         super().__init__()
         g = c.norm_groups
-        self.conv_in = nn.Conv2D(c.in_channels, c.base_channels, 3, padding=1)
+        self.conv_in = Conv2D(c.in_channels, c.base_channels, 3, padding=1)
         blocks, ch, res = [], c.base_channels, c.resolution
         for i, m in enumerate(c.channel_mult):
             out = c.base_channels * m
@@ -99,12 +114,12 @@ class ImageEncoder(nn.Layer):
                 if res in c.attn_resolutions:
                     blocks.append(AttnBlock(ch, g))
             if i != len(c.channel_mult) - 1:
-                blocks.append(nn.Conv2D(ch, ch, 3, stride=2, padding=1))
+                blocks.append(Conv2D(ch, ch, 3, stride=2, padding=1))
                 res //= 2
         blocks += [ResBlock(ch, ch, g, c.dropout), AttnBlock(ch, g), ResBlock(ch, ch, g, c.dropout)]
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = _norm(ch, g)
-        self.conv_out = nn.Conv2D(ch, c.z_channels, 3, padding=1)
+        self.conv_out = Conv2D(ch, c.z_channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv_out(F.swish(self.norm_out(self.blocks(self.conv_in(x)))))
@@ -113,7 +128,7 @@ class ImageEncoder(nn.Layer):
 class Upsample(nn.Layer):
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2D(ch, ch, 3, padding=1)
+        self.conv = Conv2D(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -125,7 +140,7 @@ class ImageDecoder(nn.Layer):
         g = c.norm_groups
         ch = c.base_channels * c.channel_mult[-1]
         res = c.resolution // c.downsample
-        self.conv_in = nn.Conv2D(c.z_channels, ch, 3, padding=1)
+        self.conv_in = Conv2D(c.z_channels, ch, 3, padding=1)
         blocks = [ResBlock(ch, ch, g, c.dropout), AttnBlock(ch, g), ResBlock(ch, ch, g, c.dropout)]
         for i, m in reversed(list(enumerate(c.channel_mult))):
             out = c.base_channels * m
@@ -139,7 +154,7 @@ class ImageDecoder(nn.Layer):
                 res *= 2
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = _norm(ch, g)
-        self.conv_out = nn.Conv2D(ch, c.in_channels, 3, padding=1)
+        self.conv_out = Conv2D(ch, c.in_channels, 3, padding=1)
 
     def forward(self, z):
         return self.conv_out(F.swish(self.norm_out(self.blocks(self.conv_in(z)))))
@@ -224,10 +239,10 @@ class VQGAN(nn.Layer):
         self.config = config
         c = config
         self.encoder = ImageEncoder(c)
-        self.quant_conv = nn.Conv2D(c.z_channels, c.embed_dim, 1)
+        self.quant_conv = Conv2D(c.z_channels, c.embed_dim, 1)
         self.quantizer = VectorQuantizer(c.num_codes, c.embed_dim, c.beta, c.ema, c.ema_decay,
                                          c.restart_dead_codes, c.dead_code_threshold)
-        self.post_quant_conv = nn.Conv2D(c.embed_dim, c.z_channels, 1)
+        self.post_quant_conv = Conv2D(c.embed_dim, c.z_channels, 1)
         self.decoder = ImageDecoder(c)
 
     def forward(self, x):
