@@ -21,26 +21,18 @@ import paddle.nn.functional as F
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
-def parallel_kind(layer):
-    """'col' / 'row' for Fleet's tensor-parallel linear layers (output / input split), None for plain
-    paddle.nn.Linear; a TypeError for anything else."""
+def linear_kind(layer):
+    """'plain' for paddle.nn.Linear, 'col' / 'row' for Fleet's tensor-parallel ColumnParallelLinear /
+    RowParallelLinear (output / input split), None for any other layer."""
     if isinstance(layer, nn.Linear):
-        return None
+        return "plain"
     if type(layer).__module__.startswith("paddle.distributed"):
         from paddle.distributed.fleet.meta_parallel import ColumnParallelLinear, RowParallelLinear
         if isinstance(layer, ColumnParallelLinear):
             return "col"
         if isinstance(layer, RowParallelLinear):
             return "row"
-    raise TypeError(f"LoRA adapts paddle.nn.Linear and Fleet's Column/RowParallelLinear, got {type(layer).__name__}")
-
-
-def is_linear(layer):
-    try:
-        parallel_kind(layer)
-        return True
-    except TypeError:
-        return False
+    return None
 
 
 class LoRALinear(nn.Layer):
@@ -53,15 +45,18 @@ class LoRALinear(nn.Layer):
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
-        self.kind = parallel_kind(base)
+        self.kind = linear_kind(base)
+        if self.kind is None:
+            raise TypeError(f"LoRA adapts paddle.nn.Linear and Fleet's Column/RowParallelLinear, got "
+                            f"{type(base).__name__}")
         self._base = (base,)   # its forward (a tuple: not a sublayer, so the parameters keep their names here)
         self.weight, self.bias = base.weight, base.bias
         self.weight.stop_gradient = True
         if self.bias is not None:
             self.bias.stop_gradient = True
         d_in, d_out = base.weight.shape
-        mp = 1 if self.kind is None else base.world_size
-        self.group = None if self.kind is None else base.model_parallel_group
+        mp = 1 if self.kind == "plain" else base.world_size
+        self.group = base.model_parallel_group if mp > 1 else None    # None: no collective in forward
         full_in = d_in * mp if self.kind == "row" else d_in
         self.rank, self.scale = rank, alpha / rank
         self.lora_A = self.create_parameter(
@@ -69,21 +64,20 @@ class LoRALinear(nn.Layer):
                                                                                    1 / math.sqrt(full_in))))
         self.lora_B = self.create_parameter([rank, d_out], attr=paddle.ParamAttr(
             initializer=nn.initializer.Constant(0.0)))
-        if mp > 1:   # what Fleet's gradient clipping and parameter broadcast read
+        if mp > 1:   # what Fleet's gradient clipping and parameter broadcast read (the other factor: replicated)
             split = self.lora_B if self.kind == "col" else self.lora_A
             split.is_distributed, split.split_axis = True, 1 if self.kind == "col" else 0
-            (self.lora_A if self.kind == "col" else self.lora_B).is_distributed = False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x):
         h = paddle.matmul(x if self.dropout is None else self.dropout(x), self.lora_A)
-        if self.group is not None and self.group.nranks > 1:
+        if self.group is not None:
             from paddle.distributed.fleet.layers.mpu import mp_ops
             if self.kind == "col":
                 h = mp_ops._c_identity(h, group=self.group)
             else:
                 h = mp_ops._mp_allreduce(h, group=self.group, use_calc_stream=True, use_model_parallel=True)
-        base = self._base[0](x) if self.kind is not None else F.linear(x, self.weight, self.bias)
+        base = F.linear(x, self.weight, self.bias) if self.kind == "plain" else self._base[0](x)
         return base + paddle.matmul(h, self.lora_B) * self.scale
 
 
@@ -93,8 +87,8 @@ def matches(name, patterns):
 
 
 def target_names(block, patterns):
-    """The names of a block's nn.Linear sublayers that match the comma-separated globs."""
-    return [name for name, layer in block.named_sublayers() if is_linear(layer) and matches(name, patterns)]
+    """The names of a block's linear sublayers (linear_kind) that match the comma-separated globs."""
+    return [name for name, layer in block.named_sublayers() if linear_kind(layer) and matches(name, patterns)]
 
 
 def add_lora(blocks, rank, alpha, dropout, patterns):
@@ -105,7 +99,7 @@ def add_lora(blocks, rank, alpha, dropout, patterns):
     names = target_names(blocks[0], patterns)
     if not names:
         raise ValueError(f"Model.lora_targets {patterns!r} matches no linear layer of a block (they are: "
-                         f"{', '.join(n for n, layer in blocks[0].named_sublayers() if is_linear(layer))})")
+                         f"{', '.join(n for n, layer in blocks[0].named_sublayers() if linear_kind(layer))})")
     for block in blocks:
         for name in names:
             parent_name, _, attr = name.rpartition(".")
