@@ -32,24 +32,21 @@ from ppvilg.models.vilg import Linear, ViLG, ViLGConfig  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    setup_device("cpu", a.threads)
+def stage2_step(batch, seed=0):
+    """The demo model (random weights), an AdamW and one batch of `batch` shapes pairs with random codes ->
+    (model, step(vqa, loss_only, cut=True) running one training step, the sequence lengths seen by kind,
+    (VQA rows, image->text labels, VQA labels))."""
     tok = TextTokenizer()
     c = ViLGConfig(**ViLGConfig.PRESETS["shapes"])
-    paddle.seed(0)
+    paddle.seed(seed)
     model = ViLG(c)
     opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
     b = PairBatcher(tok, c)
-    data = ShapesPairs("train", a.batch)
-    items = [data.item(i) for i in range(a.batch)]
-    codes = np.random.default_rng(0).integers(0, c.num_codes, [a.batch, c.grid, c.grid])
+    data = ShapesPairs("train", batch)
+    items = [data.item(i) for i in range(batch)]
+    codes = np.random.default_rng(seed).integers(0, c.num_codes, [batch, c.grid, c.grid])
     texts = [it["text"] for it in items]
-    rows, qs, ans = b.pick_questions([it["qa"] for it in items], np.random.default_rng(1).random([a.batch, 2]), 0.5)
+    rows, qs, ans = b.pick_questions([it["qa"] for it in items], np.random.default_rng(1).random([batch, 2]), 0.5)
     t = paddle.to_tensor
     ids1, v1, l1 = b.text_to_image(codes, texts)
     ids2, v2, l2 = b.image_to_text(codes, texts)
@@ -71,6 +68,18 @@ def main(argv=None):
         loss.backward()
         opt.step()
         opt.clear_grad()
+
+    return model, step, lengths, (rows, l2, l3)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    setup_device("cpu", a.threads)
+    model, step, lengths, (rows, l2, l3) = stage2_step(a.batch)
 
     def timed(vqa, loss_only, cut=True):
         step(vqa, loss_only, cut)   # warm-up

@@ -9,3 +9,5 @@ import sys as _sys
 _DEPLOY = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "deploy", "python")
 if _os.path.isdir(_DEPLOY) and _DEPLOY not in _sys.path:
     _sys.path.append(_DEPLOY)
+
+import ppvilg_deploy as _ppvilg_deploy  # noqa: E402,F401  (applies the CPU math setting of ppvilg_deploy/cpu.py)

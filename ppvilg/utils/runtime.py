@@ -11,6 +11,7 @@ warnings.filterwarnings("ignore", message="When training, we now always track gl
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
+from ppvilg_deploy.cpu import describe as describe_mkl  # noqa: E402
 
 
 def rank_and_world():
@@ -43,6 +44,8 @@ def setup_device(device="auto", num_threads=2):
     paddle.set_device(device)
     if device == "cpu" and num_threads:
         paddle.base.core.set_num_threads(int(num_threads))
+    if device == "cpu":
+        get_logger().info(describe_mkl())
     return device
 
 
