@@ -32,7 +32,6 @@ def _timed(fn, repeats):
 
 def child(threads, steps):
     from ppvilg.utils.runtime import setup_device
-    import numpy as np
     import paddle
     import paddle.nn.functional as F
     from ppvilg.models.layout import text_to_image
