@@ -271,7 +271,20 @@ def test_parallel_resume_equals_uninterrupted(reference):
         np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)
 
 
-ADAMW = ["Optimizer.name=adamw", "Optimizer.lr=0.01", "Optimizer.weight_decay=0.01", "Train.max_steps=3"]
+ADAMW_LR = 0.01
+ADAMW = ["Optimizer.name=adamw", f"Optimizer.lr={ADAMW_LR}", "Optimizer.weight_decay=0.01", "Train.max_steps=3"]
+
+
+def assert_adam_weights_close(final, ref):
+    """Weights after AdamW steps taken in another summation order (sharded ranks sum half batches). Adam
+    scales each update to about lr, so on a weight whose gradient is near zero the last-bit differences of
+    the order become up to ~lr of difference (seen: 1 weight in 16384 off by 1.04e-4). So: all but 1 in 1000
+    of each tensor's weights within TOL, and every weight within lr / 10, where a shard left unupdated or
+    updated with another shard's moments is off by ~lr on most of its weights."""
+    for k in ref:
+        diff = np.abs(np.asarray(final[k], np.float64) - np.asarray(ref[k], np.float64))
+        assert diff.max() <= ADAMW_LR / 10, f"{k}: max difference {diff.max():.3g} > lr / 10"
+        assert (diff > TOL).mean() <= 1e-3, f"{k}: {(diff > TOL).sum()} of {diff.size} weights differ by > {TOL}"
 
 
 @pytest.fixture(scope="module")
@@ -291,9 +304,7 @@ def test_sharded_adamw_states_equal_one_process(reference_adamw):
     out, hist = _launch(reference_adamw, "sharding2_adamw", ["Distributed.sharding_degree=2"] + ADAMW)
     losses = [(a["loss"] + b["loss"]) / 2 for a, b in zip(*hist)]
     np.testing.assert_allclose(losses, ref_losses, atol=TOL, rtol=0)
-    final = read_full_state(resolve_checkpoint(str(out)))
-    for k in ref_final:
-        np.testing.assert_allclose(final[k], ref_final[k], atol=1e-4, rtol=0, err_msg=k)
+    assert_adam_weights_close(read_full_state(resolve_checkpoint(str(out))), ref_final)
 
 
 def test_pipeline_resume_with_adamw_equals_uninterrupted(reference_adamw):
