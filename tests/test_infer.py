@@ -105,6 +105,9 @@ def test_shapes_report_scores_what_it_wrote(run_dirs, tmp_path):
     assert [e["truth"] for e in rep["examples"]] == truth
     lo, hi = rep["intervals"]["t2i"]["all_correct"]
     assert 0 <= lo <= rep["t2i_all_correct"] <= hi <= 1
+    # an Eval override would be ignored (the sampler is the checkpoint's): refused, naming the flags
+    r = _run("tools/shapes_report.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", "Eval.candidates=8")
+    assert r.returncode != 0 and "-o Eval.candidates=8" in r.stderr and "--num" in r.stderr
 
 
 def test_report_intervals_by_hand():

@@ -91,6 +91,10 @@ def main(argv=None):
     p.add_argument("--seed-data", type=int, default=0, help="the shapes generator's seed for the items")
     add_sampler_arguments(p, "the checkpoint's Eval section")
     args = p.parse_args(argv)
+    ignored = [o for o in args.override if o.startswith("Eval.")]
+    if ignored:   # the sampler is the checkpoint's, so such an override would change nothing
+        sys.exit(f"shapes_report: -o {ignored[0]}: the report samples with the checkpoint's Eval section; change "
+                 f"it with the sampler options (--num, --temperature, --top-k, --cfg-scale, ...; see --help)")
     cfg = load_or_exit(args)
     setup_from_config(cfg)
     log = get_logger()
