@@ -1,7 +1,7 @@
 """Text->image decoding speed in the dynamic graph, measured side by side in one run.
 
   python benchmarks/bench_generate.py [--threads 2] [--steps-uncached 16] [--checkpoint output/demo/vilg]
-                                      [--windows 4 8 16] [--no-roofline]
+                                      [--windows 4 8 16] [--no-roofline] [--windows-300m 8]
 
 1. KV-cached vs uncached (whole sequence re-encoded every step), random weights (speed does not depend on
    training): the demo transformer on its 8x8 grid, and 4 layers x 256 hidden x 8 heads with 8192 codes on a
@@ -16,7 +16,10 @@
 3. A roofline line at the base_300m preset (random weights): ms per cached decode step at batch 1 and 8
    against the time to read the weights a step touches (every block, the final LN, the image head and the
    image embedding rows; not the text tables) once at the memory bandwidth measured in the same run (a numpy
-   copy of 1 GiB: read + write bytes / time), and image tokens/s per batch size.
+   copy of 1 GiB: read + write bytes / time), and image tokens/s per batch size. Then SJD against sequential
+   sampling on that model (32x32, batch 1, --windows-300m; `sjd_300m_pass_ratio` / `sjd_300m_wall_speedup`):
+   there a step reads 1.2 GB of weights, while the small model's ~20 MB stay in the CPU's caches, so a
+   window's extra slots cost little beside the weights' reading.
 The last line is one JSON object with all figures.
 """
 import argparse
@@ -94,7 +97,9 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def roofline(batches=(1, 8), steps=12):
+def roofline(batches=(1, 8), steps=12, sjd_windows=()):
+    """The roofline figures at base_300m; with sjd_windows also SJD vs sequential sampling on that model
+    (32x32 grid, batch 1, top-k 50), where a step reads more weights than the caches hold."""
     cfg = ViLGConfig(**ViLGConfig.PRESETS["base_300m"])
     model = ViLG(cfg)
     model.eval()
@@ -108,6 +113,9 @@ def roofline(batches=(1, 8), steps=12):
     for batch in batches:
         s = time_steps(model, layout, batch, steps, True)
         out[f"b{batch}"] = {"ms_per_step": s * 1e3, "tokens_per_s": batch / s, "of_bound": bound / s}
+    if sjd_windows:
+        out["sjd"] = compare_sjd(Generator(model, TextTokenizer()), ["左上角有一个小红色圆形"],
+                                 SamplerSettings(top_k=50, temperature=1.0), sjd_windows)
     return out
 
 
@@ -120,6 +128,8 @@ def main():
     p.add_argument("--checkpoint", default=None, help="a trained shapes-demo checkpoint for SJD on real codes")
     p.add_argument("--no-roofline", action="store_true", help="skip the base_300m roofline line")
     p.add_argument("--roofline-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--windows-300m", type=int, nargs="*", default=[8],
+                   help="SJD windows measured at base_300m (none: skip; ~1.5 min sequential + ~45 s per window)")
     p.add_argument("--device", default="cpu", help="cpu or gpu (the bandwidth is then the GPU memory's)")
     a = p.parse_args()
     setup_device(a.device, a.threads)
@@ -181,7 +191,7 @@ def main():
                   f"{seq['seconds']:.1f} s", flush=True)
 
         if not a.no_roofline:
-            r = summary["roofline_base_300m"] = roofline(a.roofline_batches)
+            r = summary["roofline_base_300m"] = roofline(a.roofline_batches, sjd_windows=a.windows_300m)
             first = f"b{a.roofline_batches[0]}"
             if first == "b1":
                 summary["roofline_fraction_b1"] = r["b1"]["of_bound"]
@@ -191,6 +201,17 @@ def main():
                       f"batch {b} {r[f'b{b}']['ms_per_step']:.1f} ms/step ({100 * r[f'b{b}']['of_bound']:.0f}% "
                       f"of the bound, {r[f'b{b}']['tokens_per_s'] / r[first]['tokens_per_s']:.1f}x the tokens/s of "
                       f"batch {a.roofline_batches[0]})" for b in a.roofline_batches), flush=True)
+            if a.windows_300m:
+                seq = r["sjd"]["sequential"]
+                for w in a.windows_300m:
+                    sjd = r["sjd"][f"sjd_w{w}"]
+                    print(f"SJD base_300m 32x32 random weights, window {w}: {sjd['forwards']} forwards vs "
+                          f"{seq['forwards']} (x{seq['forwards'] / sjd['forwards']:.2f} fewer), {sjd['seconds']:.1f} s "
+                          f"vs {seq['seconds']:.1f} s (x{seq['seconds'] / sjd['seconds']:.2f})", flush=True)
+                best = min(a.windows_300m, key=lambda w: r["sjd"][f"sjd_w{w}"]["seconds"])
+                summary["sjd_300m_window"] = best
+                summary["sjd_300m_pass_ratio"] = seq["forwards"] / r["sjd"][f"sjd_w{best}"]["forwards"]
+                summary["sjd_300m_wall_speedup"] = seq["seconds"] / r["sjd"][f"sjd_w{best}"]["seconds"]
     print(json.dumps(summary))
 
 
