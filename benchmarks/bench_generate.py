@@ -58,6 +58,9 @@ def time_steps(model, layout, batch, steps, use_cache):
     return (time.perf_counter() - t) / (steps - 1)
 
 
+SJD_PROMPT, SJD_SAMPLER = ["左上角有一个小红色圆形"], SamplerSettings(top_k=50, temperature=1.0)
+
+
 def compare_sjd(gen, texts, sampler, windows):
     """Sequential vs speculative Jacobi decoding of the same prompts at each window: seconds, forwards, codes
     per forward; keys "sequential" and "sjd_w<window>"."""
@@ -70,6 +73,19 @@ def compare_sjd(gen, texts, sampler, windows):
             "seconds": time.perf_counter() - t, "forwards": stats["forwards"],
             "codes_per_forward": stats["codes_per_forward"]}
     return out
+
+
+def report_sjd(label, r, windows):
+    """Prints one line per window of compare_sjd's result `r`; -> (the window with the best wall time, its
+    forward-pass ratio, its wall-time speed-up over sequential sampling)."""
+    seq = r["sequential"]
+    for w in windows:
+        sjd = r[f"sjd_w{w}"]
+        print(f"SJD {label}, window {w}: {sjd['forwards']} forwards vs {seq['forwards']} "
+              f"(x{seq['forwards'] / sjd['forwards']:.2f} fewer, {sjd['codes_per_forward']:.2f} codes/forward), "
+              f"{sjd['seconds']:.1f} s vs {seq['seconds']:.1f} s (x{seq['seconds'] / sjd['seconds']:.2f})", flush=True)
+    best = min(windows, key=lambda w: r[f"sjd_w{w}"]["seconds"])
+    return best, seq["forwards"] / r[f"sjd_w{best}"]["forwards"], seq["seconds"] / r[f"sjd_w{best}"]["seconds"]
 
 
 def memory_bandwidth(nbytes=1 << 30, repeats=3):
@@ -114,8 +130,7 @@ def roofline(batches=(1, 8), steps=12, sjd_windows=()):
         s = time_steps(model, layout, batch, steps, True)
         out[f"b{batch}"] = {"ms_per_step": s * 1e3, "tokens_per_s": batch / s, "of_bound": bound / s}
     if sjd_windows:
-        out["sjd"] = compare_sjd(Generator(model, TextTokenizer()), ["左上角有一个小红色圆形"],
-                                 SamplerSettings(top_k=50, temperature=1.0), sjd_windows)
+        out["sjd"] = compare_sjd(Generator(model, TextTokenizer()), SJD_PROMPT, SJD_SAMPLER, sjd_windows)
     return out
 
 
@@ -163,19 +178,9 @@ def main():
                         "dygraph_tokens_per_s_32x32_b8": results["32x32_b8"]["cached_tokens_per_s"]})
 
         gen = Generator(wide, TextTokenizer())
-        r = summary["sjd_32x32_random"] = compare_sjd(
-            gen, ["左上角有一个小红色圆形"], SamplerSettings(top_k=50, temperature=1.0), a.windows)
-        seq = r["sequential"]
-        for w in a.windows:
-            sjd = r[f"sjd_w{w}"]
-            print(f"SJD 32x32 random weights, window {w}: {sjd['forwards']} forwards vs {seq['forwards']} "
-                  f"(x{seq['forwards'] / sjd['forwards']:.2f} fewer, {sjd['codes_per_forward']:.2f} codes/forward), "
-                  f"{sjd['seconds']:.1f} s vs {seq['seconds']:.1f} s (x{seq['seconds'] / sjd['seconds']:.2f})",
-                  flush=True)
-        best = min(a.windows, key=lambda w: r[f"sjd_w{w}"]["seconds"])   # the window with the best wall time
+        r = summary["sjd_32x32_random"] = compare_sjd(gen, SJD_PROMPT, SJD_SAMPLER, a.windows)
+        best, summary["sjd_pass_ratio"], summary["sjd_wall_speedup"] = report_sjd("32x32 random weights", r, a.windows)
         summary["sjd_window"] = best
-        summary["sjd_pass_ratio"] = seq["forwards"] / r[f"sjd_w{best}"]["forwards"]
-        summary["sjd_wall_speedup"] = seq["seconds"] / r[f"sjd_w{best}"]["seconds"]
 
         if a.checkpoint:
             from ppvilg.data.shapes import ShapesPairs
@@ -202,16 +207,9 @@ def main():
                       f"of the bound, {r[f'b{b}']['tokens_per_s'] / r[first]['tokens_per_s']:.1f}x the tokens/s of "
                       f"batch {a.roofline_batches[0]})" for b in a.roofline_batches), flush=True)
             if a.windows_300m:
-                seq = r["sjd"]["sequential"]
-                for w in a.windows_300m:
-                    sjd = r["sjd"][f"sjd_w{w}"]
-                    print(f"SJD base_300m 32x32 random weights, window {w}: {sjd['forwards']} forwards vs "
-                          f"{seq['forwards']} (x{seq['forwards'] / sjd['forwards']:.2f} fewer), {sjd['seconds']:.1f} s "
-                          f"vs {seq['seconds']:.1f} s (x{seq['seconds'] / sjd['seconds']:.2f})", flush=True)
-                best = min(a.windows_300m, key=lambda w: r["sjd"][f"sjd_w{w}"]["seconds"])
-                summary["sjd_300m_window"] = best
-                summary["sjd_300m_pass_ratio"] = seq["forwards"] / r["sjd"][f"sjd_w{best}"]["forwards"]
-                summary["sjd_300m_wall_speedup"] = seq["seconds"] / r["sjd"][f"sjd_w{best}"]["seconds"]
+                (summary["sjd_300m_window"], summary["sjd_300m_pass_ratio"],
+                 summary["sjd_300m_wall_speedup"]) = report_sjd("base_300m 32x32 random weights", r["sjd"],
+                                                                a.windows_300m)
     print(json.dumps(summary))
 
 
