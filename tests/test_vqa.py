@@ -134,6 +134,29 @@ def test_pick_questions_draws_one_per_item_and_respects_the_fraction():
     assert PairBatcher.pick_questions(qa, u, fraction=1.0)[0].tolist() == [0, 2]
 
 
+def test_pick_questions_type_weights_set_how_often_each_type_is_drawn():
+    qa = [[{"question": "c?", "answer": "red", "type": "color"}, {"question": "y?", "answer": "yes", "type": "yesno"},
+           {"question": "n?", "answer": "no", "type": "yesno"}, {"question": "free?", "answer": "x"}]]
+    # weights color 1, yesno 3 (each), untyped 1 -> cumulative 1, 4, 7, 8 of 8: draws below 1/8 ask the colour
+    # question, up to 4/8 the first yes/no, up to 7/8 the second, the rest the untyped one
+    weights = {"yesno": 3.0}
+    picks = [PairBatcher.pick_questions(qa, np.array([[u, 0.0]]), 1.0, weights)[1][0]
+             for u in (0.0, 0.12, 0.13, 0.49, 0.51, 0.87, 0.88, 0.999)]
+    assert picks == ["c?", "c?", "y?", "y?", "n?", "n?", "free?", "free?"]
+    # over many draws the shares follow the weights (1 : 6 : 1 for colour, yes/no, untyped)
+    u = np.random.default_rng(0).random((4000, 2))
+    drawn = [PairBatcher.pick_questions(qa, u[k:k + 1], 1.0, weights)[1][0] for k in range(4000)]
+    share = np.mean([q in ("y?", "n?") for q in drawn])
+    assert abs(share - 6 / 8) < 0.03
+    # weight 0 never draws a type; an item whose questions all weigh 0 takes no part
+    assert all(PairBatcher.pick_questions(qa, u[k:k + 1], 1.0, {"yesno": 0})[1][0] in ("c?", "free?")
+               for k in range(200))
+    assert len(PairBatcher.pick_questions(qa, u[:1], 1.0, {"yesno": 0, "color": 0, None: 0})[0]) == 0
+    with pytest.raises(ConfigError, match="vqa_type_weights"):
+        load_config(TINY, ["Loss.vqa_type_weights={yesno: -1}"])
+    assert load_config(TINY, ["Loss.vqa_type_weights={yesno: 4}"]).Loss.vqa_type_weights["yesno"] == 4
+
+
 def test_vqa_joins_at_its_start_step(tiny_shards, tmp_path):
     from ppvilg.data.datasets import build_dataset, eval_batches
     cfg = _cfg(tiny_shards, tmp_path, "Loss.vqa_start=5")

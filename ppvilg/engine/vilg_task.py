@@ -75,10 +75,13 @@ class PairBatcher:
         return self.seq.image_to_text(codes, text=self._text(answers), question=self._text(questions))
 
     @staticmethod
-    def pick_questions(qa, uniform=None, fraction=1.0):
+    def pick_questions(qa, uniform=None, fraction=1.0, type_weights=None):
         """Items' question lists -> (rows, questions, answers): one question per item that has any; with
         `uniform` [B, 2] (random numbers in [0, 1)) the question is drawn and an item takes part with probability
-        `fraction`; without, item k asks its question k mod count (evaluation: deterministic)."""
+        `fraction`; without, item k asks its question k mod count (evaluation: deterministic). `type_weights`
+        ({question type: weight >= 0}, types not named weigh 1; a question without a type is type None): the
+        draw picks a question with probability proportional to its type's weight; an item whose questions all
+        weigh 0 takes no part."""
         rows, qs, ans = [], [], []
         for k, items in enumerate(qa):
             if not items:
@@ -88,7 +91,14 @@ class PairBatcher:
             else:
                 if uniform[k, 1] >= fraction:
                     continue
-                j = min(int(uniform[k, 0] * len(items)), len(items) - 1)
+                if type_weights:
+                    w = np.array([float(type_weights.get(q.get("type"), 1.0)) for q in items])
+                    if w.sum() <= 0:
+                        continue
+                    j = min(int(np.searchsorted(np.cumsum(w), uniform[k, 0] * w.sum(), side="right")),
+                            len(items) - 1)
+                else:
+                    j = min(int(uniform[k, 0] * len(items)), len(items) - 1)
             rows.append(k)
             qs.append(items[j]["question"])
             ans.append(items[j]["answer"])
@@ -114,6 +124,7 @@ class ViLGTask(Task):
                  "vqa_weight": 0.0,      # generative VQA on the items that come with questions (0: off)
                  "vqa_fraction": 1.0,    # share of those items that train VQA in a step
                  "vqa_start": 0,         # the step from which VQA trains (the captions first: see configs/demo)
+                 "vqa_type_weights": None,   # {question type: weight}: how often each type is drawn (None: alike)
                  "end_to_end": False,    # train the E2E reconstructor and, through it, the generator
                  "recon_weight": 1.0,    # weight of the pixel reconstruction loss (the paper: equal weights)
                  "recon": "l2"},         # l2 | l1
@@ -154,6 +165,11 @@ class ViLGTask(Task):
             raise ConfigError(f"{origin}: Loss.cond_dropout must be in [0, 1), got {cfg.Loss.cond_dropout}")
         for key in ("t2i_weight", "i2t_weight", "recon_weight", "vqa_weight", "vqa_start"):
             check_range(cfg.Loss[key], f"Loss.{key}", 0, origin=origin)
+        tw = cfg.Loss.vqa_type_weights
+        if tw is not None and (not isinstance(tw, dict) or not tw or any(
+                not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in tw.values())):
+            raise ConfigError(f"{origin}: Loss.vqa_type_weights must map question types to weights >= 0 (e.g. "
+                              f"{{yesno: 3.0}}; types not named weigh 1), got {tw!r}")
         if not 0.0 < cfg.Loss.vqa_fraction <= 1.0:
             raise ConfigError(f"{origin}: Loss.vqa_fraction must be in (0, 1], got {cfg.Loss.vqa_fraction}")
         if cfg.Loss.vqa_weight > 0 and d.pp_degree > 1:
@@ -328,7 +344,8 @@ class ViLGTask(Task):
         vqa = None
         if self.cfg.Loss.vqa_weight > 0 and step >= self.cfg.Loss.vqa_start and any(batch.get("qa", [])):
             draws = paddle.rand([len(batch["text"]), 2]).numpy()      # paddle RNG: resumable
-            vqa = self.batcher.pick_questions(batch["qa"], draws, self.cfg.Loss.vqa_fraction)
+            vqa = self.batcher.pick_questions(batch["qa"], draws, self.cfg.Loss.vqa_fraction,
+                                              self.cfg.Loss.vqa_type_weights)
         l_t2i, l_i2t, _, _, l_vqa, _, l_rec = self.losses(codes, batch["text"], drop, batch.get("image"), vqa)
         loss = self.cfg.Loss.t2i_weight * l_t2i + self.cfg.Loss.i2t_weight * l_i2t
         logs = {"t2i_loss": float(l_t2i), "i2t_loss": float(l_i2t), "truncated_texts": self.batcher.truncated}
