@@ -6,7 +6,7 @@ else
 PYTHON ?= .venv/bin/python
 endif
 
-.PHONY: install fid-weights demo test gpu-check clean-demo
+.PHONY: install fid-weights demo demo-long test gpu-check clean-demo
 
 install:
 	@if [ "$(PYTHON)" = ".venv/bin/python" ] && [ ! -x .venv/bin/python ]; then python3 -m venv --system-site-packages .venv; fi
@@ -17,6 +17,13 @@ fid-weights: install
 
 demo: install
 	$(PYTHON) tools/run_demo.py
+
+# after `make demo`: its stage 2 trained 2000 steps longer (yes/no questions learned; ~20 more minutes on 2 CPU
+# cores), then the same report on the test split in output/demo/long
+demo-long: install
+	@test -d output/demo/vilg/checkpoints || { echo "make demo-long: run make demo first (it continues output/demo/vilg)"; exit 2; }
+	$(PYTHON) tools/train.py -c configs/demo/vilg_shapes_long.yaml
+	$(PYTHON) tools/shapes_report.py -c configs/demo/vilg_shapes_long.yaml --out output/demo/long
 
 test: install
 	@$(PYTHON) tools/get_fid_weights.py || echo "make test: the FID Inception weights could not be fetched (see above); the FID tests will be SKIPPED"
