@@ -166,6 +166,17 @@ def test_vqa_joins_at_its_start_step(tiny_shards, tmp_path):
     assert "vqa_loss" in task.phase_loss("model", batch, 5)[1]
 
 
+def test_vqa_type_weights_reach_the_training_step(tiny_shards, tmp_path):
+    from ppvilg.data.datasets import build_dataset, eval_batches
+    none = "{" + ", ".join(f"{t}: 0" for t in QUESTION_TYPES) + "}"     # every type of the shapes questions
+    task = build_task(_cfg(tiny_shards, tmp_path, f"Loss.vqa_type_weights={none}"))
+    batch = next(eval_batches(build_dataset(task.cfg.Data.train, task.cfg.Data.image_size), 4))
+    assert all(batch["qa"]) and "vqa_loss" not in task.phase_loss("model", batch, 0)[1]
+    only_yesno = none.replace("yesno: 0", "yesno: 1")
+    task = build_task(_cfg(tiny_shards, tmp_path, f"Loss.vqa_type_weights={only_yesno}"))
+    assert "vqa_loss" in task.phase_loss("model", batch, 0)[1]
+
+
 def test_vqa_trains_from_the_shards_questions_and_is_evaluated(tiny_shards, tmp_path):
     from ppvilg.data.datasets import build_dataset
     cfg = _cfg(tiny_shards, tmp_path, "Train.max_steps=30", "Train.batch_size=8", "Train.eval_every=30",

@@ -91,14 +91,10 @@ class PairBatcher:
             else:
                 if uniform[k, 1] >= fraction:
                     continue
-                if type_weights:
-                    w = np.array([float(type_weights.get(q.get("type"), 1.0)) for q in items])
-                    if w.sum() <= 0:
-                        continue
-                    j = min(int(np.searchsorted(np.cumsum(w), uniform[k, 0] * w.sum(), side="right")),
-                            len(items) - 1)
-                else:
-                    j = min(int(uniform[k, 0] * len(items)), len(items) - 1)
+                w = np.array([float((type_weights or {}).get(q.get("type"), 1.0)) for q in items])
+                if w.sum() <= 0:
+                    continue
+                j = min(int(np.searchsorted(np.cumsum(w), uniform[k, 0] * w.sum(), side="right")), len(items) - 1)
             rows.append(k)
             qs.append(items[j]["question"])
             ans.append(items[j]["answer"])
