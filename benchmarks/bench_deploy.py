@@ -34,9 +34,9 @@ from ppvilg.inference import ViLGInference  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
 from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline  # noqa: E402
+from bench_generate import WIDE_32  # noqa: E402  (this folder: the same 32x32 model as bench_generate)
 
 PROMPT = "左上角有一个小红色圆形"
-WIDE_32 = dict(num_layers=4, hidden_size=256, num_heads=8, max_text_len=24, num_codes=8192, grid=32)   # as bench_generate
 SAMPLER = SamplerSettings(top_k=8)   # the same settings for both backends: one image per prompt, no guidance
 
 
