@@ -24,6 +24,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
 
+from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
 from ppvilg_deploy.server import spawn  # noqa: E402
 PROMPTS = ["左上角有一个小红色圆形", "a big blue square in the bottom right", "中间有一个大绿色三角形",
            "a small yellow circle at the top right", "右下角有一个小紫色正方形", "a big red triangle in the middle"]
@@ -94,7 +95,7 @@ def main(argv=None):
                  "--out output/demo/export")
     if a.n is None:
         with open(os.path.join(a.model_dir, "inference.yml"), encoding="utf-8") as f:
-            a.n = sorted({1, int((yaml.safe_load(f).get("sampler") or {}).get("candidates", 1))})
+            a.n = sorted({1, SamplerSettings.from_mapping(yaml.safe_load(f).get("sampler")).candidates})
     max_queue = max(64, max(a.clients) * 2)
     results = {}
     for mode, max_batch in (("batched", a.max_batch), ("one_at_a_time", 1)):
