@@ -30,6 +30,7 @@ from ppvilg.config import load_config  # noqa: E402
 from ppvilg.engine.tasks import build_task  # noqa: E402
 from ppvilg.export import export  # noqa: E402
 from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
+from ppvilg.registry import model_config  # noqa: E402
 from ppvilg.inference import ViLGInference  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
 from ppvilg_deploy.decoding import SamplerSettings  # noqa: E402
@@ -68,7 +69,7 @@ def main():
     vq_cfg = load_config(os.path.join(ROOT, "configs/demo/vqgan_shapes.yaml"))
     cfg = load_config(os.path.join(ROOT, "configs/demo/vilg_shapes.yaml"))  # its Eval section: sampler defaults
     setup_device("cpu", a.threads[0])
-    downsample = build_task(vq_cfg).model.config.downsample
+    downsample = model_config(vq_cfg.Model).downsample   # the demo VQ's factor, read from its config
     for grid in a.grid:
         config = WIDE_32 if grid == 32 else dict(ViLGConfig.PRESETS["shapes"], grid=grid)
         model = ViLG(ViLGConfig(**config))
