@@ -7,7 +7,7 @@ The folder holds everything deploy/python needs and nothing else:
     step_image/...                     one cached step of the transformer, image head (text->image)
     step_text/...                      the same step, text head (image->text, VQA)
     sample_image/...                   step_image and the sampler in one program: returns the sampled codes
-    score_text/...                     log p(text | image) of whole image->text sequences (reranking)
+    score_text/...                     log p(token | image) of whole image->text sequences (reranking)
     reconstruct/...                    end-to-end checkpoints only: the generator's hidden states of whole
                                        text->image sequences through the end-to-end reconstructor -> images
     masks.npz                          additive attention masks [patterns, S, S] per direction (no padding)
@@ -117,18 +117,19 @@ class _WholeSequence(paddle.nn.Layer):
 
 
 class ScoreTextProgram(_WholeSequence):
-    """log p(text | image) per row, summed over the target text's real tokens ([SEP] included): what
-    ppvilg.generation.Generator.caption_logprob computes, for reranking text->image candidates in deploy."""
+    """log p(token | image, earlier tokens) of the target text's tokens, times their weights (0 on padding):
+    what ppvilg.generation.Generator.caption_token_logprobs computes, for reranking text->image candidates in
+    deploy (ppvilg_deploy.decoding.rank_candidates sums them as the sampler's rerank_score says)."""
 
     def __init__(self, model, vocab_size):
         super().__init__(model, model.config.max_text_len)
         self.vocab_size = vocab_size
 
     def forward(self, ids, kind, pos, masks, labels, weights):
-        """labels [B, L] int64 (the target text), weights [B, L] float32 (1 on its real tokens) -> [B]."""
+        """labels [B, L] int64 (the target text), weights [B, L] float32 (1 on its real tokens) -> [B, L]."""
         logits = self.m.head(self.target_hidden(ids, kind, pos, masks), TEXT_TGT)[..., :self.vocab_size]
         nll = paddle.nn.functional.cross_entropy(logits.astype("float32"), labels.unsqueeze(-1), reduction="none")
-        return -(nll[..., 0] * weights).sum(1)
+        return -nll[..., 0] * weights
 
 
 class ReconstructProgram(_WholeSequence):

@@ -6,7 +6,8 @@ decoding algorithms of ppvilg_deploy.decoding (shared with the exported predicto
   training through Loss.cond_dropout);
 - image->text and VQA: greedy, sampling, or beam search with a length penalty, up to a maximum length,
   stopping at [SEP];
-- reranking of text->image candidates by the model's own image->text log-likelihood of the prompt, or by a
+- reranking of text->image candidates by the model's own teacher-forced image->text probabilities of the
+  prompt's tokens (summed as log-likelihood or as probabilities: SamplerSettings.rerank_score), or by a
   user's scorer (`module:function` taking (texts, images) and returning scores, higher is better).
 
 Every decode path also runs without the cache (the whole sequence re-encoded each step) for tests and
@@ -21,7 +22,8 @@ import paddle
 import paddle.nn.functional as F
 
 from ppvilg.models.layout import IMAGE_TGT, TEXT_TGT, direction_layouts
-from ppvilg_deploy.decoding import Decoding, SamplerSettings, filter_logits, sample_from  # noqa: F401
+from ppvilg_deploy.decoding import (Decoding, SamplerSettings, filter_logits, rank_candidates,  # noqa: F401
+                                    rerank_scores, sample_from)
 from ppvilg_deploy.sequences import SequenceBuilder
 
 
@@ -97,8 +99,10 @@ class Generator(Decoding):
 
     # ---- scoring and reranking --------------------------------------------------------------------------
     @paddle.no_grad()
-    def caption_logprob(self, codes, texts):
-        """Sum of log p(text | image) for each (codes[i], texts[i]) pair, [SEP] included."""
+    def caption_token_logprobs(self, codes, texts):
+        """log p(token | image, earlier tokens) of each text's tokens, teacher-forced, for each (codes[i],
+        texts[i]) pair -> (numpy [B, L], 0 on padding; weights [B, L] float32, 1 on the real tokens, [SEP]
+        included)."""
         self.m.eval()
         text, valid_t = self.seq.text(texts, truncate=True)
         ids, valid, _ = self.seq.image_to_text(codes, text=(text, valid_t))
@@ -107,23 +111,28 @@ class Generator(Decoding):
         # vocabulary is ~200x slower (80 s against 0.4 s for 256 x 24 x 12295 logits on 2 cores)
         nll = F.cross_entropy(logits[..., :self.seq.tok.vocab_size].astype("float32"),
                               paddle.to_tensor(text).unsqueeze(-1), reduction="none")
-        return -(nll[..., 0].numpy() * valid_t).sum(1)
+        weights = valid_t.astype(np.float32)
+        return -nll[..., 0].numpy() * weights, weights
 
-    def rerank(self, texts, candidates, scorer=None, images=None):
+    def caption_logprob(self, codes, texts):
+        """Sum of log p(text | image) for each (codes[i], texts[i]) pair, [SEP] included."""
+        return rerank_scores(*self.caption_token_logprobs(codes, texts), "logprob")
+
+    def rerank(self, texts, candidates, scorer=None, images=None, how="logprob"):
         """candidates [len(texts), N, grid, grid] -> (order [len(texts), N] best first, scores [len(texts), N]).
-        By default the score is the model's own log p(prompt | candidate image); `scorer` ('module:function'
-        or a callable taking (texts, images) and returning scores, higher better) replaces it."""
+        By default the score comes from the model's own p(prompt token | candidate image, earlier tokens),
+        summed as `how` says (SamplerSettings.rerank_score: log-likelihood or token probabilities); `scorer`
+        ('module:function' or a callable taking (texts, images) and returning scores, higher better) replaces it."""
         t, n = candidates.shape[:2]
         flat_texts = [x for x in texts for _ in range(n)]
         if scorer is None:
-            scores = self.caption_logprob(candidates.reshape([t * n, -1]), flat_texts)
-        else:
-            fn = load_scorer(scorer)
-            if images is None:
-                raise ValueError("an external scorer needs the decoded candidate images")
-            scores = np.asarray(fn(flat_texts, [im for row in images for im in row]), np.float64)
-        scores = scores.reshape([t, n])
-        return np.argsort(-scores, axis=1), scores
+            token_lp, weights = self.caption_token_logprobs(candidates.reshape([t * n, -1]), flat_texts)
+            return rank_candidates(token_lp, weights, t, how)
+        fn = load_scorer(scorer)
+        if images is None:
+            raise ValueError("an external scorer needs the decoded candidate images")
+        scores = np.asarray(fn(flat_texts, [im for row in images for im in row]), np.float64).reshape([t, n])
+        return np.argsort(-scores, axis=1, kind="stable"), scores
 
 
 def load_scorer(spec):

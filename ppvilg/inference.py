@@ -121,7 +121,8 @@ class ViLGInference:
         images = self.reconstruct_e2e(texts, codes) if self.e2e is not None else self.decode(codes)
         scores = None
         if rerank:
-            order, scores = self.gen.rerank(texts, codes, scorer=scorer, images=images)
+            how = self.gen.settings(sampler, **changes).rerank_score
+            order, scores = self.gen.rerank(texts, codes, scorer=scorer, images=images, how=how)
             idx = np.arange(len(texts))[:, None]
             codes, images, scores = codes[idx, order], images[idx, order], scores[idx, order]
         return images, codes, scores

@@ -39,12 +39,31 @@ def test_exported_scores_and_rerank_equal_the_dynamic_graph(exported):
     assert len(set(np.round(got, 3))) == 6          # the texts and images matter
     order, scores = dep.rerank(texts, codes)
     np.testing.assert_array_equal(order, pipe.gen.rerank(texts, codes)[0])
+    # per token too, so the token-probability score (rerank_score token_prob) is the same in both
+    got_t, w_t = dep.caption_token_logprobs(codes.reshape([6, -1]), [t for t in texts for _ in range(3)], chunk=4)
+    want_t, _ = pipe.gen.caption_token_logprobs(codes.reshape([6, -1]), [t for t in texts for _ in range(3)])
+    np.testing.assert_allclose(got_t, want_t, atol=1e-4, rtol=1e-5)
+    assert (got_t[w_t == 0] == 0).all() and (got_t[w_t > 0] < 0).all()
+    o_dep, s_dep = dep.rerank(texts, codes, "token_prob")
+    o_dyg, s_dyg = pipe.gen.rerank(texts, codes, how="token_prob")
+    np.testing.assert_allclose(s_dep, s_dyg, atol=1e-4)
+    np.testing.assert_array_equal(o_dep, o_dyg)
     images, got_codes, got_scores = dep.text_to_image(texts, candidates=3, top_k=5, seed=4, rerank=True)
     raw = pipe.gen.text_to_image(texts, candidates=3, top_k=5, seed=4)
     o, s = pipe.gen.rerank(texts, raw)
     np.testing.assert_array_equal(got_codes, raw[np.arange(2)[:, None], o])
     np.testing.assert_allclose(got_scores, np.take_along_axis(s, o, 1), atol=1e-3, rtol=1e-5)
     assert (np.diff(got_scores, axis=1) <= 0).all()
+    # the sampler's rerank_score reaches the reranking in both backends (ViLGInference and DeployPipeline)
+    _, codes_p, scores_p = dep.text_to_image(texts, candidates=3, top_k=5, seed=4, rerank=True,
+                                             rerank_score="token_prob")
+    _, codes_v, scores_v = pipe.text_to_image(texts, rerank=True, candidates=3, top_k=5, seed=4,
+                                              rerank_score="token_prob")
+    o_p = pipe.gen.rerank(texts, raw, how="token_prob")[0]
+    np.testing.assert_array_equal(codes_p, raw[np.arange(2)[:, None], o_p])
+    np.testing.assert_array_equal(codes_v, codes_p)
+    np.testing.assert_allclose(scores_v, scores_p, atol=1e-4)
+    assert (scores_p > 0).all() and (scores_p <= 14).all()     # probabilities: at most one per token
     # the exported VQ decoder sums in another order: a pixel may round the other way
     np.testing.assert_allclose(images.astype(int), pipe.decode(got_codes).astype(int), atol=1, rtol=0)
 

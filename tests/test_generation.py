@@ -2,7 +2,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppvilg.generation import Decoding, Generator, SamplerSettings, filter_logits
+from ppvilg.generation import Decoding, Generator, SamplerSettings, filter_logits, rank_candidates, rerank_scores
+from ppvilg_deploy.decoding import SamplerSettingError
 from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg.models.vilg import ViLG, ViLGConfig
 from ppvilg.text.tokenizer import TextTokenizer
@@ -143,19 +144,48 @@ def test_rerank_scores_are_the_models_caption_log_likelihoods(gen):
     cands = gen.text_to_image([prompt], candidates=3, seed=1)
     order, scores = gen.rerank([prompt], cands)
     ids = gen.seq.tok.encode(prompt)
+    token_probs = {}
     for k in range(3):
         dec = gen.make_decoder("i2t", *gen.seq.image_to_text(cands[0, k:k + 1])[:2])
-        total = 0.0
+        total, probs = 0.0, []
         for j, t in enumerate(ids):
             logits = dec.logits_at(dec.t0 + j)[0, :gen.seq.tok.vocab_size].astype(np.float64)
             m = logits.max()
-            total += logits[t] - m - np.log(np.exp(logits - m).sum())
+            lp = logits[t] - m - np.log(np.exp(logits - m).sum())
+            total += lp
+            probs.append(np.exp(lp))
             dec.ids[:, dec.t0 + j + 1] = t
         assert scores[0, k] == pytest.approx(total, abs=1e-3)
+        token_probs[k] = probs
     assert list(order[0]) == list(np.argsort(-scores[0]))
+    # rerank_score token_prob: the same tokens' probabilities, summed
+    order_p, scores_p = gen.rerank([prompt], cands, how="token_prob")
+    np.testing.assert_allclose(scores_p[0], [sum(token_probs[k]) for k in range(3)], atol=1e-4)
+    assert list(order_p[0]) == list(np.argsort(-scores_p[0], kind="stable"))
     order2, _ = gen.rerank([prompt], cands, scorer=lambda texts, ims: [float(i) for i in range(len(texts))],
                            images=[[None] * 3])
     assert list(order2[0]) == [2, 1, 0]
+
+
+def test_rerank_scores_sum_log_probabilities_or_probabilities():
+    """Hand-made token log-probabilities of one prompt (3 tokens + padding) under two candidates: A gets every
+    token fairly likely, B the first two near-certain and the third (wording the model never saw, say) very
+    unlikely. Summed log-probabilities prefer A, summed probabilities B; padding counts in neither."""
+    lp = np.log(np.array([[0.5, 0.5, 0.5, 0.9], [0.99, 0.99, 1e-4, 0.9]]))
+    w = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], np.float32)
+    np.testing.assert_allclose(rerank_scores(lp, w, "logprob"), [3 * np.log(0.5), 2 * np.log(0.99) + np.log(1e-4)])
+    np.testing.assert_allclose(rerank_scores(lp, w, "token_prob"), [1.5, 1.9801], rtol=1e-6)
+    order, scores = rank_candidates(lp, w, 1, "logprob")
+    assert order.tolist() == [[0, 1]] and scores.shape == (1, 2)
+    assert rank_candidates(lp, w, 1, "token_prob")[0].tolist() == [[1, 0]]
+    # ties keep the sampling order; a padding slot's value is ignored even when it is -inf
+    lp2 = np.array([[-1.0, -np.inf], [-1.0, -np.inf], [-0.5, 0.0]])
+    w2 = np.array([[1, 0], [1, 0], [1, 0]], np.float32)
+    assert rank_candidates(lp2, w2, 1, "token_prob")[0].tolist() == [[2, 0, 1]]
+    with pytest.raises(ValueError, match="rerank score"):
+        rerank_scores(lp, w, "clip")
+    with pytest.raises(SamplerSettingError, match="rerank_score"):
+        SamplerSettings(rerank_score="probability")
 
 
 def test_filter_logits():

@@ -30,7 +30,7 @@ def parse(argv):
     p.add_argument("--image", help="image to caption, or to ask --question about")
     p.add_argument("--question", help="question about --image (generative VQA)")
     p.add_argument("--rerank", action="store_true", help="text->image: order candidates by the model's own "
-                   "image->text likelihood of the prompt")
+                   "image->text probabilities of the prompt's tokens (summed as --rerank-score says)")
     p.add_argument("--scorer", help="text->image: rerank with module:function(texts, images) -> scores instead")
     p.add_argument("--out", default="output/infer", help="text->image: folder for the PNGs and the grid")
     p.add_argument("--device", default="auto")

@@ -1,5 +1,6 @@
-"""The demo (`make demo`): stage 1 on the built-in shapes, its evaluation, the code shards, stage 2 and the
-report on the test split; prints the elapsed time of each stage at the end. Stops at the first stage that
+"""The demo (`make demo`): stage 1 on the built-in shapes (its dev PSNR, SSIM and codebook usage in the log's
+final eval; `tools/eval.py -c configs/demo/vqgan_shapes.yaml` writes them to a file), the code shards, stage 2 and
+the report on the test split; prints the elapsed time of each stage at the end. Stops at the first stage that
 fails, with its exit status.
 
   python tools/run_demo.py                      (everything under output/demo, as configs/demo/*.yaml say)
@@ -31,7 +32,6 @@ def stages(out=OUT, seed=None):
         train_vq, train_vilg = ["-o", f"Global.seed={seed}"], ["-o", f"Global.seed={seed}"]
     return [
         ("stage 1: image tokenizer", ["tools/train.py", *vq, *train_vq]),
-        ("stage 1: evaluation (dev)", ["tools/eval.py", *vq]),
         ("code shards (train)", ["tools/tokenize_images.py", *vq, "--split", "train", "--out",
                                  f"{out}/codes/train", "--overwrite"]),
         ("code shards (dev)", ["tools/tokenize_images.py", *vq, "--split", "eval", "--out",

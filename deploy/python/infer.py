@@ -32,7 +32,7 @@ def parse(argv):
     p.add_argument("--image", help="image to caption, or to ask --question about")
     p.add_argument("--question", help="question about --image (generative VQA)")
     p.add_argument("--rerank", action="store_true", help="text->image: order the candidates by the model's own "
-                   "caption likelihood log p(text | image), best first")
+                   "caption probabilities of the prompt's tokens (summed as --rerank-score says), best first")
     p.add_argument("--out", default="output/deploy", help="text->image: folder for the PNGs")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--gpu-id", type=int, default=0)

@@ -1,7 +1,8 @@
 """The sampler options of the command lines (tools/infer.py over a checkpoint, deploy/python/infer.py over an
 export): one flag per SamplerSettings field; a flag not given keeps the model's default (the checkpoint's Eval
 section, or the export's inference.yml)."""
-from ppvilg_deploy.decoding import CAPTION_METHODS, IMAGE_DECODINGS, SamplerSettingError, SamplerSettings
+from ppvilg_deploy.decoding import (CAPTION_METHODS, IMAGE_DECODINGS, RERANK_SCORES, SamplerSettingError,
+                                    SamplerSettings)
 
 # flag -> (SamplerSettings field, type, help); every field has one (tests/test_generation.py checks)
 FLAGS = {
@@ -18,6 +19,9 @@ FLAGS = {
     "--beam-size": ("beam_size", int, "beam search: beams per image"),
     "--length-penalty": ("length_penalty", float, "beam search: score = log-prob / length ** penalty"),
     "--max-len": ("max_len", int, "caption / answer: at most this many tokens (default: the model's text length)"),
+    "--rerank-score": ("rerank_score", str, "text->image with several candidates: rank them by the sum of the "
+                       "prompt's token log-probabilities given each image (logprob) or of its token probabilities "
+                       "(token_prob)"),
 }
 
 
@@ -26,7 +30,8 @@ def add_sampler_arguments(parser, defaults_from):
     group = parser.add_argument_group(f"sampler (an option not given takes its default from {defaults_from})")
     for flag, (field, kind, text) in FLAGS.items():
         extra = {"caption_method": {"choices": CAPTION_METHODS},
-                 "decoding": {"choices": IMAGE_DECODINGS}}.get(field, {})
+                 "decoding": {"choices": IMAGE_DECODINGS},
+                 "rerank_score": {"choices": RERANK_SCORES}}.get(field, {})
         group.add_argument(flag, dest=field, type=kind, default=None, help=text, **extra)
 
 

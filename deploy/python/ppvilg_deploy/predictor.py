@@ -15,15 +15,15 @@ import os
 import numpy as np
 import yaml
 
-from ppvilg_deploy.decoding import Decoding, SamplerSettings
+from ppvilg_deploy.decoding import Decoding, SamplerSettings, rank_candidates, rerank_scores
 from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_image
 from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg_deploy.tokenizer import TextTokenizer
 
 
 # written by ppvilg/export.py (2: step_image returns every slot's logits; 3: score_text, and reconstruct for
-# end-to-end checkpoints)
-FORMAT = "ppvilg-inference/3"
+# end-to-end checkpoints; 4: score_text returns each token's log-probability instead of their sum)
+FORMAT = "ppvilg-inference/4"
 
 
 class ExportError(RuntimeError):
@@ -170,7 +170,7 @@ class DeployPipeline(Decoding):
         if self.info.get("format") != FORMAT:
             raise ExportError(f"{path}: format {self.info.get('format')!r}, this runtime reads {FORMAT!r}"
                               + (" (export the checkpoint again with tools/export_model.py)"
-                                 if self.info.get("format") in ("ppvilg-inference/1", "ppvilg-inference/2")
+                                 if self.info.get("format") in ("ppvilg-inference/1", "ppvilg-inference/2", "ppvilg-inference/3")
                                  else ""))
         m = self.info["model"]
         self.grid, self.image_size = m["grid"], self.info["image"]["size"]
@@ -230,26 +230,32 @@ class DeployPipeline(Decoding):
         masks = (self.masks[direction][:, None, None] + pad[None]).astype(np.float32)
         return dict(ids=ids, kind=kind, pos=pos, masks=masks)
 
-    def caption_logprob(self, codes, texts, chunk=32):
-        """Sum of log p(text | image) for each (codes[i], texts[i]) pair, [SEP] included (the score_text
-        program; the dynamic graph's Generator.caption_logprob)."""
+    def caption_token_logprobs(self, codes, texts, chunk=32):
+        """log p(token | image, earlier tokens) of each text's tokens for each (codes[i], texts[i]) pair -> (numpy
+        [B, L], 0 on padding; weights [B, L], 1 on the real tokens, [SEP] included): the score_text program, the
+        dynamic graph's Generator.caption_token_logprobs."""
         codes = np.asarray(codes, np.int64).reshape([len(texts), -1])
         text, valid_t = self.seq.text(texts, truncate=True)
         ids, valid, _ = self.seq.image_to_text(codes, text=(text, valid_t))
+        weights = valid_t.astype(np.float32)
         out = []
         for s in range(0, len(texts), chunk):
             sl = slice(s, s + chunk)
-            out.append(self.score_text(labels=text[sl], weights=valid_t[sl].astype(np.float32),
+            out.append(self.score_text(labels=text[sl], weights=weights[sl],
                                        **self._whole("i2t", ids[sl], valid[sl]))[0].numpy())
-        return np.concatenate(out).astype(np.float64)
+        return np.concatenate(out), weights
 
-    def rerank(self, texts, candidates):
-        """candidates [len(texts), N, grid, grid] -> (order [len(texts), N] best first, scores [len(texts), N]):
-        the model's own log p(prompt | candidate image)."""
+    def caption_logprob(self, codes, texts, chunk=32):
+        """Sum of log p(text | image) for each (codes[i], texts[i]) pair, [SEP] included."""
+        return rerank_scores(*self.caption_token_logprobs(codes, texts, chunk), "logprob")
+
+    def rerank(self, texts, candidates, how="logprob"):
+        """candidates [len(texts), N, grid, grid] -> (order [len(texts), N] best first, scores [len(texts), N])
+        from the model's own p(prompt token | candidate image, earlier tokens), summed as `how` says
+        (SamplerSettings.rerank_score)."""
         t, n = candidates.shape[:2]
-        scores = self.caption_logprob(candidates.reshape([t * n, -1]), [x for x in texts for _ in range(n)])
-        scores = scores.reshape([t, n])
-        return np.argsort(-scores, axis=1, kind="stable"), scores
+        flat_texts = [x for x in texts for _ in range(n)]
+        return rank_candidates(*self.caption_token_logprobs(candidates.reshape([t * n, -1]), flat_texts), t, how)
 
     def reconstruct(self, texts, codes, truncate=True, chunk=32):
         """End-to-end exports: texts [T] and their codes [T, N, g, g] -> RGB uint8 images [T, N, S, S, 3] from
@@ -275,13 +281,15 @@ class DeployPipeline(Decoding):
 
     def text_to_image(self, texts, sampler=None, truncate=False, rerank=False, seeds=None, **changes):
         """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid], scores [len(texts),
-        N] or None), N = candidates; reranked (best first, by the model's own caption likelihood) with rerank.
+        N] or None), N = candidates; reranked (best first, by the model's own caption
+        token probabilities, as settings.rerank_score says) with rerank.
         Pixels come from the end-to-end reconstructor when the export has one, else the VQ decoder. `seeds`:
         one sampling seed per text (see Decoding.sample_codes)."""
-        codes = self.sample_codes(texts, self.settings(sampler, **changes), truncate, seeds=seeds)
+        settings = self.settings(sampler, **changes)
+        codes = self.sample_codes(texts, settings, truncate, seeds=seeds)
         scores = None
         if rerank:
-            order, scores = self.rerank(texts, codes)
+            order, scores = self.rerank(texts, codes, settings.rerank_score)
             idx = np.arange(len(texts))[:, None]
             codes, scores = codes[idx, order], scores[idx, order]
         images = self.reconstruct(texts, codes, truncate) if self.reconstructor == "end_to_end" else self.decode(codes)
