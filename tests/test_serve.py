@@ -147,6 +147,13 @@ def test_generations_are_the_pipelines_images_in_openais_shape(server):
     want, _, scores = dep.text_to_image([PROMPT], candidates=3, seed=5, top_k=4, rerank=True)
     np.testing.assert_allclose([d["score"] for d in j["data"]], scores[0], rtol=1e-6)
     np.testing.assert_array_equal(np.stack([_unpng(d["b64_json"]) for d in j["data"]]), want[0])
+    # the other reranking score: summed token probabilities (positive), as the pipeline gives them
+    j = httpx.post(url + "/v1/images/generations", json={"prompt": PROMPT, "n": 3, "seed": 5, "top_k": 4,
+                                                         "rerank": True, "rerank_score": "token_prob"},
+                   timeout=120).json()
+    _, _, scores_p = dep.text_to_image([PROMPT], candidates=3, seed=5, top_k=4, rerank=True, rerank_score="token_prob")
+    np.testing.assert_allclose([d["score"] for d in j["data"]], scores_p[0], rtol=1e-6)
+    assert all(d["score"] > 0 for d in j["data"]) and all(s < 0 for s in scores[0])
     # no seed: a random one, returned, that reproduces the images
     j = httpx.post(url + "/v1/images/generations", json={"prompt": PROMPT, "n": 1}, timeout=120).json()
     again = httpx.post(url + "/v1/images/generations", json={"prompt": PROMPT, "n": 1, "seed": j["seed"]},

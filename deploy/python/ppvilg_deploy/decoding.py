@@ -153,9 +153,8 @@ def rerank_scores(token_logprobs, weights, how="logprob"):
     padding). logprob: sum of the log-probabilities, log p(prompt | image). token_prob: sum of the
     probabilities, the expected number of the prompt's tokens the model would predict from the image; a token
     the model finds unlikely whatever the image (wording it never saw) adds ~0 instead of a large negative term
-    that varies from candidate to candidate and can outweigh the words that tell the images apart (on the demo's
-    dev prompts, half of them in unseen wording, it picked an image with all four attributes right 2 points
-    more often; docs/demo.md)."""
+    that varies from candidate to candidate and can outweigh the words that tell the images apart (docs/demo.md
+    has the comparison on the demo's dev prompts)."""
     lp = np.asarray(token_logprobs, np.float64)
     w = np.asarray(weights, np.float64)
     if lp.shape != w.shape:

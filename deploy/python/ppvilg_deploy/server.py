@@ -4,7 +4,7 @@
     GET  /healthz                  {"status": "ok", "waiting": jobs queued, "busy": decoding now}
     GET  /v1/models                what is loaded: sizes, languages, sampler defaults, serving limits
     POST /v1/images/generations    {prompt, n?, seed?, temperature?, top_k?, top_p?, cfg_scale?, decoding?,
-                                   sjd_window?, rerank?, response_format?: "b64_json"}
+                                   sjd_window?, rerank?, rerank_score?, response_format?: "b64_json"}
                                    -> {"created", "data": [{"b64_json", "score"?}], "seed"}  (OpenAI's shape)
     POST /v1/captions              {image: base64 (or a data: URL), method?, beam_size?, max_len?}, or the same
                                    fields as multipart/form-data with the image as a file -> {"text", "score", ...}
@@ -61,6 +61,7 @@ class GenerationRequest(_Strict):
     decoding: Optional[Literal["sequential", "sjd"]] = None
     sjd_window: Optional[int] = None
     rerank: bool = False
+    rerank_score: Optional[Literal["logprob", "token_prob"]] = None
     response_format: Literal["b64_json"] = "b64_json"
 
 
@@ -359,7 +360,8 @@ def create_app(pipe, settings=None):
     async def generations(request: Request):
         req, _ = await _parse(request, GenerationRequest, limit)
         st = service.sampler(candidates=req.n, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                             cfg_scale=req.cfg_scale, decoding=req.decoding, sjd_window=req.sjd_window)
+                             cfg_scale=req.cfg_scale, decoding=req.decoding, sjd_window=req.sjd_window,
+                             rerank_score=req.rerank_score)
         if st.candidates > settings.max_n:
             raise RequestError(400, f"'n' must be <= {settings.max_n} (--max-n), got {st.candidates}", "n")
         service.check_text(req.prompt, "prompt")
