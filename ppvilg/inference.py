@@ -117,12 +117,12 @@ class ViLGInference:
         longer than the model's text length is an error (TextTooLongError), or cut with truncate."""
         if not truncate:
             self.check_text(texts)
-        codes = self.gen.text_to_image(texts, sampler, truncate, **changes)
+        settings = self.gen.settings(sampler, **changes)
+        codes = self.gen.text_to_image(texts, settings, truncate)
         images = self.reconstruct_e2e(texts, codes) if self.e2e is not None else self.decode(codes)
         scores = None
         if rerank:
-            how = self.gen.settings(sampler, **changes).rerank_score
-            order, scores = self.gen.rerank(texts, codes, scorer=scorer, images=images, how=how)
+            order, scores = self.gen.rerank(texts, codes, scorer=scorer, images=images, how=settings.rerank_score)
             idx = np.arange(len(texts))[:, None]
             codes, images, scores = codes[idx, order], images[idx, order], scores[idx, order]
         return images, codes, scores

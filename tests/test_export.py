@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "deploy", "python"))
@@ -25,6 +26,17 @@ def test_the_folder_is_self_contained(exported):
     assert dep.sampler.top_k == 5 and dep.reconstructor == "vq_decoder"
     with pytest.raises(ExportError, match="inference.yml"):
         DeployPipeline(str(out / "step_text"))
+
+
+def test_a_folder_of_an_older_format_is_refused_with_the_command_to_export_again(exported, tmp_path):
+    """Format 3 summed score_text's log-probabilities in the program; this runtime needs them per token."""
+    _, _, out = exported
+    info = yaml.safe_load((out / "inference.yml").read_text(encoding="utf-8"))
+    for fmt, hint in (("ppvilg-inference/3", True), ("ppvilg-inference/2", True), ("something-else/1", False)):
+        (tmp_path / "inference.yml").write_text(yaml.safe_dump(dict(info, format=fmt)), encoding="utf-8")
+        with pytest.raises(ExportError, match="this runtime reads 'ppvilg-inference/4'") as e:
+            DeployPipeline(str(tmp_path))
+        assert ("tools/export_model.py" in str(e.value)) == hint, str(e.value)
 
 
 def test_exported_scores_and_rerank_equal_the_dynamic_graph(exported):
@@ -63,7 +75,8 @@ def test_exported_scores_and_rerank_equal_the_dynamic_graph(exported):
     np.testing.assert_array_equal(codes_p, raw[np.arange(2)[:, None], o_p])
     np.testing.assert_array_equal(codes_v, codes_p)
     np.testing.assert_allclose(scores_v, scores_p, atol=1e-4)
-    assert (scores_p > 0).all() and (scores_p <= 14).all()     # probabilities: at most one per token
+    n_tokens = w_t.reshape([2, 3, -1]).sum(-1)                  # each text's tokens, [SEP] included
+    assert (scores_p > 0).all() and (scores_p <= n_tokens).all()   # probabilities: at most one per token
     # the exported VQ decoder sums in another order: a pixel may round the other way
     np.testing.assert_allclose(images.astype(int), pipe.decode(got_codes).astype(int), atol=1, rtol=0)
 

@@ -24,6 +24,7 @@ from ppvilg_deploy.tokenizer import TextTokenizer
 # written by ppvilg/export.py (2: step_image returns every slot's logits; 3: score_text, and reconstruct for
 # end-to-end checkpoints; 4: score_text returns each token's log-probability instead of their sum)
 FORMAT = "ppvilg-inference/4"
+OLDER_FORMATS = ("ppvilg-inference/1", "ppvilg-inference/2", "ppvilg-inference/3")   # re-export them
 
 
 class ExportError(RuntimeError):
@@ -170,7 +171,7 @@ class DeployPipeline(Decoding):
         if self.info.get("format") != FORMAT:
             raise ExportError(f"{path}: format {self.info.get('format')!r}, this runtime reads {FORMAT!r}"
                               + (" (export the checkpoint again with tools/export_model.py)"
-                                 if self.info.get("format") in ("ppvilg-inference/1", "ppvilg-inference/2", "ppvilg-inference/3")
+                                 if self.info.get("format") in OLDER_FORMATS
                                  else ""))
         m = self.info["model"]
         self.grid, self.image_size = m["grid"], self.info["image"]["size"]
