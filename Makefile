@@ -15,15 +15,17 @@ install:
 fid-weights: install
 	$(PYTHON) tools/get_fid_weights.py
 
-demo: install
-	$(PYTHON) tools/run_demo.py
+# SEED=N: both training stages seeded with N (default: the configs' 42), everything in output/demo_seedN
+SEED ?=
+DEMO_ARGS = $(if $(SEED),--seed $(SEED) --out output/demo_seed$(SEED))
 
-# after `make demo`: its stage 2 trained 2000 steps longer (yes/no questions learned; ~20 more minutes on 2 CPU
-# cores), then the same report on the test split in output/demo/long
+demo: install
+	$(PYTHON) tools/run_demo.py $(DEMO_ARGS)
+
+# after `make demo` (with the same SEED): its stage 2 trained 2000 steps longer (yes/no questions learned; ~20 more
+# minutes on 2 CPU cores), then the same report on the test split in output/demo/long (output/demo_seedN/long)
 demo-long: install
-	@test -d output/demo/vilg/checkpoints || { echo "make demo-long: run make demo first (it continues output/demo/vilg)"; exit 2; }
-	$(PYTHON) tools/train.py -c configs/demo/vilg_shapes_long.yaml
-	$(PYTHON) tools/shapes_report.py -c configs/demo/vilg_shapes_long.yaml --out output/demo/long
+	$(PYTHON) tools/run_demo.py --long $(DEMO_ARGS)
 
 test: install
 	@$(PYTHON) tools/get_fid_weights.py || echo "make test: the FID Inception weights could not be fetched (see above); the FID tests will be SKIPPED"
@@ -38,4 +40,4 @@ gpu-check: install
 	else echo "gpu-check: no CUDA GPU here: the decode benchmark at base_300m on GPU is SKIPPED"; fi
 
 clean-demo:
-	rm -rf output/demo
+	rm -rf output/demo output/demo_seed*

@@ -1,10 +1,12 @@
 """The demo (`make demo`): stage 1 on the built-in shapes (its dev PSNR, SSIM and codebook usage in the log's
 final eval; `tools/eval.py -c configs/demo/vqgan_shapes.yaml` writes them to a file), the code shards, stage 2 and
 the report on the test split; prints the elapsed time of each stage at the end. Stops at the first stage that
-fails, with its exit status.
+fails, with its exit status. `--long` (`make demo-long`, after the demo in the same folder): the demo's stage 2
+trained 2000 steps longer (configs/demo/vilg_shapes_long.yaml) and its report, in <out>/vilg_long and <out>/long.
 
   python tools/run_demo.py                      (everything under output/demo, as configs/demo/*.yaml say)
   python tools/run_demo.py --seed 1 --out output/demo_seed1   (another training seed, in another folder)
+  python tools/run_demo.py --long [--seed 1 --out output/demo_seed1]   (then: the longer stage 2 of that demo)
 """
 import argparse
 import os
@@ -18,6 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = "output/demo"
 
 
+def _stage2_paths(out):
+    """-o overrides pointing a stage-2 config at the demo folder `out` (its tokenizer and code shards)."""
+    return ["-o", f"ImageTokenizer.checkpoint={out}/vqgan",
+            "-o", f"Data.train.path={out}/codes/train", "-o", f"Data.eval.path={out}/codes/dev"]
+
+
 def stages(out=OUT, seed=None):
     """The demo's commands; `out` other than output/demo and `seed` (Global.seed of both training stages)
     become -o overrides of the configs."""
@@ -26,8 +34,7 @@ def stages(out=OUT, seed=None):
     train_vq, train_vilg = [], []
     if out != OUT:
         vq += ["-o", f"Global.output_dir={out}/vqgan"]
-        vilg += ["-o", f"Global.output_dir={out}/vilg", "-o", f"ImageTokenizer.checkpoint={out}/vqgan",
-                 "-o", f"Data.train.path={out}/codes/train", "-o", f"Data.eval.path={out}/codes/dev"]
+        vilg += ["-o", f"Global.output_dir={out}/vilg", *_stage2_paths(out)]
     if seed is not None:
         train_vq, train_vilg = ["-o", f"Global.seed={seed}"], ["-o", f"Global.seed={seed}"]
     return [
@@ -41,14 +48,39 @@ def stages(out=OUT, seed=None):
     ]
 
 
+def long_stages(out=OUT, seed=None):
+    """`make demo-long`: configs/demo/vilg_shapes_long.yaml continuing the stage 2 of the demo in `out` (run with
+    the same `seed`), then its report in <out>/long."""
+    cfg = ["-c", "configs/demo/vilg_shapes_long.yaml"]
+    if out != OUT:
+        cfg += ["-o", f"Global.output_dir={out}/vilg_long", "-o", f"Global.init_weights={out}/vilg",
+                *_stage2_paths(out)]
+    train = [] if seed is None else ["-o", f"Global.seed={seed}"]
+    return [
+        ("stage 2, 2000 steps longer", ["tools/train.py", *cfg, *train]),
+        ("report (test split)", ["tools/shapes_report.py", *cfg, "--out", f"{out}/long"]),
+    ]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=None,
-                   help="Global.seed of both training stages (default: the configs' 42)")
+                   help="Global.seed of the training stages (default: the configs' 42)")
     p.add_argument("--out", default=OUT, help=f"folder for every output (default: {OUT})")
+    p.add_argument("--long", action="store_true",
+                   help="continue the demo already run in --out: its stage 2 2000 steps longer, and the report")
     args = p.parse_args(argv)
+    out = args.out.rstrip("/")
+    if args.long:
+        if not os.path.isdir(os.path.join(ROOT, out, "vilg", "checkpoints")):
+            p.error(f"--long continues the demo's stage 2 in {out}/vilg, which has no checkpoints: run the demo "
+                    f"first (tools/run_demo.py{'' if args.seed is None else f' --seed {args.seed}'}"
+                    f"{'' if out == OUT else f' --out {out}'})")
+        todo = long_stages(out, args.seed)
+    else:
+        todo = stages(out, args.seed)
     times = []
-    for name, cmd in stages(args.out.rstrip("/"), args.seed):
+    for name, cmd in todo:
         print(f"==> {name}: python {' '.join(cmd)}", flush=True)
         t0 = time.time()
         rc = subprocess.call([sys.executable, *cmd], cwd=ROOT)
