@@ -125,6 +125,67 @@ def test_beam_search_finds_what_greedy_misses_and_applies_the_length_penalty():
     assert b["ids"] == [B_, eos] and b["score"] == pytest.approx(np.log(0.45) / 4)
 
 
+
+def test_beam_search_stops_once_no_open_beam_can_win_with_the_same_result(monkeypatch):
+    """A (0.9) then [SEP] (0.95) is settled after two tokens: the other beams (A A ..., B B ...) run on with
+    probability 1 per token and never end before max_len, but their log-probabilities (log 0.045, log 0.1) are
+    already below it, so the search stops there instead of at max_len, with the same hypothesis and score."""
+    import ppvilg_deploy.decoding as decoding
+    tok = TextTokenizer()
+    eos, text_len = tok.eos_id, 8
+    table = {(): {A_: 0.9, B_: 0.1}, (A_,): {eos: 0.95, A_: 0.05}}
+    for n in range(1, text_len):
+        table[(B_,) * n] = {B_: 1.0}
+        if n >= 2:
+            table[(A_,) * n] = {A_: 1.0}
+    be = _ScriptedBackend(tok, text_len, table)
+    calls = []
+    logits_at = _ScriptedDecoder.logits_at
+    monkeypatch.setattr(_ScriptedDecoder, "logits_at", lambda self, slot: calls.append(slot) or logits_at(self, slot))
+    codes = np.zeros([1, 2, 2], np.int64)
+    runs = {}
+    for settle in (True, False):
+        if not settle:   # the search without the rule: until each item has beam_size finished hypotheses
+            monkeypatch.setattr(decoding, "beam_settled", lambda *a: False)
+        for alpha in (0.0, 1.0):
+            calls.clear()
+            r = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=2, length_penalty=alpha))[0]
+            runs[settle, alpha] = (r["ids"], r["score"], r["logprob"], len(calls))
+    for alpha in (0.0, 1.0):
+        ids, score, logprob, n_with = runs[True, alpha]
+        assert ids == [A_, eos] and logprob == pytest.approx(np.log(0.9 * 0.95))
+        assert score == pytest.approx(np.log(0.9 * 0.95) / 2 ** alpha)
+        assert runs[False, alpha][:3] == (ids, score, logprob)
+        assert (n_with, runs[False, alpha][3]) == (2, text_len)
+
+
+def test_beam_settled_bounds_what_an_open_beam_can_still_reach():
+    from ppvilg_deploy.decoding import beam_settled
+    best = [(-0.1, -0.2, [A_, 2])]            # (score, logprob, ids)
+    # alpha 1: an open beam at log p -0.5 can reach -0.5 / 8 = -0.0625 > -0.1 at max_len 8: not settled
+    assert not beam_settled(best, np.array([-0.5, -np.inf]), 2, 8, 1.0)
+    assert beam_settled(best, np.array([-0.9, -np.inf]), 2, 8, 1.0)        # -0.9 / 8 = -0.1125 < -0.1
+    # alpha 0: the raw log-probability bounds it; alpha -1 (longer is worse): the next length, 3, is its best
+    assert beam_settled(best, np.array([-0.1]), 2, 8, 0.0) and not beam_settled(best, np.array([-0.09]), 2, 8, 0.0)
+    assert beam_settled(best, np.array([-0.04]), 2, 8, -1.0) and not beam_settled(best, np.array([-0.03]), 2, 8, -1.0)
+    assert not beam_settled([], np.array([-5.0]), 2, 8, 0.0)               # nothing finished yet
+    assert beam_settled(best, np.array([-np.inf, -np.inf]), 2, 8, 0.0)     # no open beam left
+
+
+
+def test_top_candidates_is_a_stable_sort_of_each_row_cut_to_n():
+    """Beam search ranks a step's beam_size x vocabulary continuations by top_candidates: the same order as a
+    stable full sort (highest first, equal scores in column order), ties at the cut and -inf rows included."""
+    from ppvilg_deploy.decoding import top_candidates
+    rng = np.random.default_rng(0)
+    x = np.round(rng.standard_normal([40, 30]), 1)      # many exact ties
+    x[:, :4] = -np.inf
+    x[0] = -np.inf
+    for n in (1, 2, 6, 30, 50):
+        want = np.argsort(-x, axis=1, kind="stable")[:, :n]
+        np.testing.assert_array_equal(top_candidates(x, n), want)
+    assert top_candidates(np.array([[0.0, 2.0, 2.0, 1.0]]), 2).tolist() == [[1, 2]]
+
 def test_classifier_free_guidance_samples_from_u_plus_s_times_c_minus_u():
     """The conditional rows (first half) give c = [3, 2, 0], the unconditional ones u = [3, 0, 0]: both put
     token 0 first, but u + s (c - u) = [3, 2 s, 0] puts token 1 first once s > 1.5."""

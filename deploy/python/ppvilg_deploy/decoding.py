@@ -147,6 +147,34 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     return logp
 
 
+def top_candidates(scores, n):
+    """The column indices of each row's n highest scores [B, n], highest first, equal scores in column order:
+    np.argsort(-scores, kind="stable")[:, :n] without sorting whole rows (a beam step's rows are beam_size x
+    the text vocabulary: 256 x 36,885 took ~0.96 s to sort against ~0.3 s to partition)."""
+    n = min(n, scores.shape[1])
+    neg = -scores
+    kth = np.partition(neg, n - 1, axis=1)[:, n - 1:n]          # each row's n-th smallest of -scores
+    out = np.empty([len(scores), n], np.int64)
+    for i, row in enumerate(neg <= kth):                        # n or more columns (ties at the n-th)
+        cols = np.flatnonzero(row)
+        out[i] = cols[np.argsort(neg[i, cols], kind="stable")[:n]]
+    return out
+
+
+def beam_settled(finished, open_logprobs, length, max_len, alpha):
+    """Whether beam search may stop for one item: it has a finished hypothesis (score, logprob, ids) that no open
+    beam (log-probabilities `open_logprobs` after `length` tokens; -inf: none) can still beat. An open beam only
+    loses log-probability as it grows (to at most `max_len` tokens), so its best reachable score
+    logprob / length'**alpha is at length' = max_len for alpha >= 0 (the next token for alpha < 0)."""
+    if not finished:
+        return False
+    live = open_logprobs[np.isfinite(open_logprobs)]
+    if not len(live):
+        return True
+    reach = max_len if alpha >= 0 else min(length + 1, max_len)
+    return max(f[0] for f in finished) >= float(live.max()) / reach ** alpha
+
+
 def rerank_scores(token_logprobs, weights, how="logprob"):
     """A score per row (higher: better) from token_logprobs [B, L] (log p(token | image, earlier tokens) of a
     prompt's tokens, teacher-forced) and weights [B, L] (1 on the prompt's real tokens, [SEP] included, 0 on
@@ -355,18 +383,20 @@ class Decoding:
 
     def _beam(self, codes, max_len, k, alpha, question, decoder_options):
         b = len(codes)
-        if question is not None and not isinstance(question, str):   # one question per image: per beam
-            question = [q for q in question for _ in range(k)]
-        dec = self._text_decoder(np.repeat(np.asarray(codes), k, 0), question, decoder_options)
+        # the decoder starts with one row per item (the image and question are read once); only one beam per item
+        # is live at the first step, and the first reorder makes the k rows of each item from it
+        dec = self._text_decoder(np.asarray(codes), question, decoder_options)
         eos = self.seq.tok.eos_id
         beam_logp = np.tile(np.r_[0.0, np.full(k - 1, -np.inf)], b)  # start from one live beam per item
         seqs = [[] for _ in range(b * k)]
         finished = [[] for _ in range(b)]  # (score, logprob, ids)
         for step in range(max_len):
             logp = filter_logits(self._text_logits(dec, dec.t0 + step))
+            if step == 0:
+                logp = np.repeat(logp, k, 0)
             total = (beam_logp[:, None] + logp).reshape([b, -1])  # [b, k*V]
             v = logp.shape[-1]
-            top = np.argsort(-total, axis=1)[:, :2 * k]
+            top = top_candidates(total, 2 * k)
             new_rows, new_tok, new_lp, new_seqs = [], [], [], []
             for i in range(b):
                 kept = 0
@@ -388,11 +418,14 @@ class Decoding:
                     new_rows.append(i * k), new_tok.append(eos), new_lp.append(-np.inf)
                     new_seqs.append(seqs[i * k] + [eos])
                     kept += 1
-            open_left = np.isfinite(np.array(new_lp)).any()
-            # stop when every item has k finished hypotheses, no beam is open, or at max_len
-            if step + 1 == max_len or not open_left or all(len(fs) >= k for fs in finished):
+            new_lp_arr = np.array(new_lp).reshape([b, k])
+            open_left = np.isfinite(new_lp_arr).any()
+            # stop when every item has k finished hypotheses, no beam is open, or at max_len; or when no open
+            # beam of any item can still beat that item's best finished hypothesis (the result is the same)
+            if (step + 1 == max_len or not open_left or all(len(fs) >= k for fs in finished)
+                    or all(beam_settled(fs, lp, step + 1, max_len, alpha) for fs, lp in zip(finished, new_lp_arr))):
                 break
-            dec.reorder(np.array(new_rows))
+            dec.reorder(np.array(new_rows) // (k if step == 0 else 1))   # step 0: rows of the one-row-per-item decoder
             beam_logp, seqs = np.array(new_lp), new_seqs
             dec.ids[:, dec.t0 + step + 1] = new_tok
         results = []
