@@ -141,16 +141,21 @@ def test_beam_search_stops_once_no_open_beam_can_win_with_the_same_result(monkey
     be = _ScriptedBackend(tok, text_len, table)
     calls = []
     logits_at = _ScriptedDecoder.logits_at
-    monkeypatch.setattr(_ScriptedDecoder, "logits_at", lambda self, slot: calls.append(slot) or logits_at(self, slot))
-    codes = np.zeros([1, 2, 2], np.int64)
+    monkeypatch.setattr(_ScriptedDecoder, "logits_at",
+                        lambda self, slot: calls.append(len(self.ids)) or logits_at(self, slot))
+    codes = np.zeros([3, 2, 2], np.int64)   # three images, the same table
     runs = {}
     for settle in (True, False):
         if not settle:   # the search without the rule: until each item has beam_size finished hypotheses
             monkeypatch.setattr(decoding, "beam_settled", lambda *a: False)
         for alpha in (0.0, 1.0):
             calls.clear()
-            r = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=2, length_penalty=alpha))[0]
+            out = be.decode_text(codes, SamplerSettings(caption_method="beam", beam_size=2, length_penalty=alpha))
+            assert all(o == out[0] for o in out)
+            r = out[0]
             runs[settle, alpha] = (r["ids"], r["score"], r["logprob"], len(calls))
+            # the first step reads each image once (one row per item), then 2 beams per item
+            assert calls == [3] + [6] * (len(calls) - 1)
     for alpha in (0.0, 1.0):
         ids, score, logprob, n_with = runs[True, alpha]
         assert ids == [A_, eos] and logprob == pytest.approx(np.log(0.9 * 0.95))
