@@ -56,9 +56,11 @@ class DygraphDecoder:
         else:
             start = 0 if first == self.t0 else first   # the prefill runs the source too
             sl = slice(start, last + 1)
-            # attention over the filled prefix only: the mask's key length bounds the cache read
+            # attention over the whole cache buffer, the causal mask hiding the slots not filled yet: a key slice
+            # [:last + 1] of the cache is a strided view that every attention matmul would first copy (~12 ms
+            # against ~2 ms for the product over the full buffer at 1024 rows of the demo model)
             h = m.step(paddle.to_tensor(self.ids[:, sl]), self.kind[sl], self.pos[sl],
-                       [mk[:, :, sl, :last + 1] for mk in self.masks], self.cache, start)[:, first - start:]
+                       [mk[:, :, sl] for mk in self.masks], self.cache, start)[:, first - start:]
         return m.head(h, self.target_kind).astype("float32").numpy()
 
     def reorder(self, index):

@@ -36,6 +36,20 @@ def test_cached_decode_equals_full_forward_at_every_step(gen, question):
         dec_f.ids[:, dec_f.t0 + k + 1] = tok
 
 
+
+def test_cached_steps_attend_over_the_whole_cache_buffer(gen, monkeypatch):
+    """The causal mask hides the slots not filled yet, so every cached step (the prefill included) passes masks
+    over all the buffer's slots: a key slice of the cache would be a strided view each attention matmul copies
+    first (benchmarks/bench_cache_keys.py); the values are those of the full forward (the test above)."""
+    keys, step = [], gen.m.step
+    monkeypatch.setattr(gen.m, "step", lambda ids, kind, pos, masks, cache, start:
+                        keys.append({m.shape[-1] for m in masks} | {c.shape[2] for kv in cache for c in kv})
+                        or step(ids, kind, pos, masks, cache, start))
+    dec = gen._text_decoder(_codes(), None, {"use_cache": True})
+    for k in range(4):
+        dec.logits_at(dec.t0 + k)
+    assert keys == [{dec.layout.length}] * 4
+
 def test_cached_text_to_image_equals_uncached(gen):
     kw = dict(candidates=2, temperature=1.0, top_k=20, seed=3)
     a = gen.text_to_image(["红色圆形", "a blue square"], use_cache=True, **kw)

@@ -241,7 +241,8 @@ class Attention(nn.Layer):
         """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1, s, S_keys].
         cache: None (keys = these slots), or a preallocated (k, v) pair [B, H, S_max, Dh] into which these
         slots' keys and values are written in place at `start` (inference only); attention then runs over the
-        first S_keys slots of the buffer (the filled prefix: S_keys = start + s), the mask hiding the rest."""
+        first S_keys >= start + s slots of the buffer, the mask hiding the slots not filled yet (generation passes
+        the whole buffer: a shorter key slice is a strided view that the matmuls would copy first)."""
         q, k, v = self._qkv(x)
         if cache is not None:
             s, keys = x.shape[1], mask.shape[-1]
