@@ -426,7 +426,7 @@ class Decoding:
                     or all(beam_settled(fs, lp, step + 1, max_len, alpha) for fs, lp in zip(finished, new_lp_arr))):
                 break
             dec.reorder(np.array(new_rows) // (k if step == 0 else 1))   # step 0: rows of the one-row-per-item decoder
-            beam_logp, seqs = np.array(new_lp), new_seqs
+            beam_logp, seqs = new_lp_arr.ravel(), new_seqs
             dec.ids[:, dec.t0 + step + 1] = new_tok
         results = []
         for i in range(b):
