@@ -324,3 +324,51 @@ def test_pipeline_resume_with_adamw_equals_uninterrupted(reference_adamw):
     final = read_full_state(resolve_checkpoint(str(out)))
     for k in want:
         np.testing.assert_allclose(final[k], want[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+VQ_TINY = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
+
+
+def _vq_overrides(out, init, gan):
+    return [f"Global.output_dir={out}", "Global.num_threads=1", f"Global.init_weights={init}",
+            "Model.restart_dead_codes=false", "Optimizer.name=sgd", "Optimizer.lr=0.2",
+            "Optimizer.schedule=constant", "Optimizer.weight_decay=0.0", "Train.max_steps=4", "Train.batch_size=8",
+            "Train.save_every=0", f"Loss.disc_weight={0.5 if gan else 0.0}", "Loss.disc_start=2"]
+
+
+def test_stage1_data_parallel_equals_one_process(tmp_path):
+    """Stage 1 on 2 processes (4 images each) == one process on the batches of 8: losses, weights and the EMA
+    codebook (its statistics summed over the ranks). With the adversarial loss on (whose discriminator's
+    BatchNorm sees each rank's half, as any unsynchronised data-parallel BatchNorm) the ranks still agree on
+    the adaptive GAN weight (its gradients averaged first) and so keep the same generator."""
+    init = tmp_path / "init"
+    cfg = load_config(VQ_TINY, _vq_overrides(tmp_path / "ref", init, False))
+    seed_everything(0)
+    task = build_task(cfg)
+    save_checkpoint(str(init), cfg, {"model": task.model.state_dict()}, {}, {"step": 0, "task": "vqgan",
+                                                                              "model": "vqgan"})
+    ref = Trainer(cfg, build_task(cfg))
+    ref.fit()
+    ref_final = read_full_state(resolve_checkpoint(str(tmp_path / "ref")))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    for gan in (False, True):
+        out = tmp_path / f"dp2_gan{int(gan)}"
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+               str(out / "log"), WORKER, "-c", VQ_TINY] + [a for o in _vq_overrides(out, init, gan) for a in ("-o", o)]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if run.returncode:
+            logs = "".join(open(os.path.join(out, "log", f)).read()[-3000:] for f in sorted(os.listdir(out / "log")))
+            pytest.fail(f"stage-1 dp2 failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}\n{logs}")
+        hist = [json.load(open(out / f"history.rank{r}.json")) for r in range(2)]
+        final = read_full_state(resolve_checkpoint(str(out)))
+        if not gan:
+            for key in ("rec", "vq", "loss"):
+                np.testing.assert_allclose([(a[key] + b[key]) / 2 for a, b in zip(*hist)],
+                                           [h[key] for h in ref.history], atol=TOL, rtol=0, err_msg=key)
+            for k in ref_final:
+                if k.startswith("model."):
+                    np.testing.assert_allclose(final[k], ref_final[k], atol=TOL, rtol=0, err_msg=k)
+            assert any("quantizer.ema_sum" in k for k in ref_final)
+        else:
+            weights = [[h["gan_weight"] for h in rank if "gan_weight" in h] for rank in hist]
+            assert len(weights[0]) == 2 and weights[0] == weights[1], weights

@@ -28,12 +28,19 @@ def _arg(cmd, flag):
 def test_demo_and_long_stages_use_one_folder_and_seed(out, seed):
     demo = dict(run_demo.stages(out, seed))
     long = dict(run_demo.long_stages(out, seed))
-    s1 = _config(demo["stage 1: image tokenizer"][1:])
-    s2 = _config(demo["stage 2: unified transformer"][1:])
-    s2_long = _config(long["stage 2, 2000 steps longer"][1:])
+    s1 = _config(demo["stage 1: image tokenizer"])
+    s2 = _config(demo["stage 2: unified transformer"])
+    s2_long = _config(long["stage 2, 2000 steps longer"])
     train_codes = _arg(demo["code shards (train)"], "--out")
     dev_codes = _arg(demo["code shards (dev)"], "--out")
     assert s1.Global.output_dir == f"{out}/vqgan"
+    # both training stages: data parallel over two one-thread processes, a layout their configs accept
+    for cmd, cfg in ((demo["stage 1: image tokenizer"], s1), (demo["stage 2: unified transformer"], s2),
+                     (long["stage 2, 2000 steps longer"], s2_long)):
+        assert cmd[:2] == ["-m", "paddle.distributed.launch"] and _arg(cmd, "--nproc_per_node") == "2"
+        assert _arg(cmd, "--log_dir") == f"{cfg.Global.output_dir}/launch_logs"
+        assert cfg.Global.num_threads == 1
+        assert _config(cmd + ["-o", "Distributed.world_size=2"]).Distributed.dp_degree == 2
     assert s2.Global.output_dir == f"{out}/vilg"
     assert s2_long.Global.output_dir == f"{out}/vilg_long"
     assert s2_long.Global.init_weights == s2.Global.output_dir

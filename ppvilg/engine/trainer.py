@@ -119,8 +119,11 @@ class Trainer:
         structured = {id(p): f"{m}.{n}" for m, layer in task.modules().items()
                       for n, p in layer.named_parameters()}
         self.param_names = {}  # phase -> {run-time name: structured name}
+        self.phase_params = {}
+        self.average_gradients = False   # set by distribute() for data parallel over several phases
         for phase, (params, extra) in task.phases().items():
             params = select_trainable(list(params), structured, cfg.Train.trainable, cfg.Train.frozen, self.log)
+            self.phase_params[phase] = params
             self.param_names[phase] = {p.name: structured[id(p)] for p in params}
             lr = cfg.Optimizer.lr * extra.get("lr_scale", 1.0)
             self.scheds[phase] = build_schedule(cfg.Optimizer, cfg.Train.max_steps, lr)
@@ -143,10 +146,20 @@ class Trainer:
     def distribute(self):
         """Wrap the model and its optimizer for the layout of the Distributed section."""
         from paddle.distributed import fleet
-        if len(self.opts) != 1:
-            raise RuntimeError(f"{self.cfg.Global.task}: multi-process training supports one optimisation phase")
-        phase = next(iter(self.opts))
         par = self.par
+        if len(self.opts) != 1:
+            # several phases (stage 1: the generator, then the discriminator, which also runs inside the
+            # generator's loss): no wrapper around one model; every rank starts from rank 0's weights and
+            # train_step averages each phase's gradients over the data-parallel group before its update
+            if par.dp != par.world:
+                raise RuntimeError(f"{self.cfg.Global.task}: a task with several optimisation phases trains data "
+                                   f"parallel only (dp_degree {par.dp}, world size {par.world})")
+            from paddle.distributed.fleet.utils.hybrid_parallel_util import broadcast_dp_parameters
+            for layer in self.task.modules().values():
+                broadcast_dp_parameters(layer, par.hcg)
+            self.average_gradients = True
+            return
+        phase = next(iter(self.opts))
         if par.sharding > 1 and par.stage > 1:  # GPU only (checked in init_parallel)
             from paddle.distributed.sharding import group_sharded_parallel
             level = "os_g" if par.stage == 2 else "p_g_os"
@@ -374,6 +387,11 @@ class Trainer:
                 logs[f"{phase}_loss"] = float(loss)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v / tc.accum_steps
+        if self.average_gradients:   # (the same phases are used on every rank: they depend on the step only)
+            from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
+            for phase in self.opts:
+                if phase in used:
+                    fused_allreduce_gradients(self.phase_params[phase], self.par.hcg)
         for phase in self.opts:
             if phase in used:
                 self.scalers[phase].step(self.opts[phase])

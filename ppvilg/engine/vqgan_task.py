@@ -15,9 +15,9 @@ from ppvilg.vq.losses import (PatchDiscriminator, VGGPerceptual, adaptive_weight
 from ppvilg.vq.model import VQGAN
 
 
-def build_vqgan(model_section):
-    """A VQGAN (the image tokenizer) from a resolved `Model` config section."""
-    return VQGAN(model_config(model_section))
+def build_vqgan(model_section, dp_group=None):
+    """A VQGAN (the image tokenizer) from a resolved `Model` config section; dp_group: see VQGAN."""
+    return VQGAN(model_config(model_section), dp_group)
 
 
 @contextlib.contextmanager
@@ -64,10 +64,11 @@ class VQGANTask(Task):
         check_range(cfg.Eval.num_visuals, "Eval.num_visuals", 0, zero="no image grid", origin=origin)
         if m.name != "vqgan":
             raise ConfigError(f"{origin}: Global.task 'vqgan' needs Model.name 'vqgan', got {m.name!r}")
-        if cfg.Distributed.world_size > 1:
-            raise ConfigError(f"{origin}: the stage-1 tokenizer trains in one process (its EMA codebook, dead-code "
-                              "restarts and adaptive GAN weight are not synchronised across ranks); the "
-                              "Distributed section applies to stage 2 (Global.task vilg)")
+        d = cfg.Distributed
+        if d.world_size > 1 and d.dp_degree != d.world_size:
+            raise ConfigError(f"{origin}: the stage-1 tokenizer trains data parallel only (Distributed.dp_degree "
+                              f"{d.dp_degree} must equal the world size {d.world_size}); tensor, pipeline and "
+                              "sharding degrees apply to stage 2 (Global.task vilg)")
         f = 2 ** (len(m.channel_mult) - 1)
         if cfg.Data.image_size % f:
             raise ConfigError(f"{origin}: Data.image_size ({cfg.Data.image_size}) must be a multiple of the "
@@ -91,7 +92,11 @@ class VQGANTask(Task):
 
     def __init__(self, cfg, parallel):
         super().__init__(cfg, parallel)
-        self.model = build_vqgan(cfg.Model)
+        # several processes: each takes part of every batch; the trainer averages the gradients of both phases
+        # (Trainer.distribute) and the quantizer sums its EMA statistics over the data-parallel group
+        dp_group = parallel.hcg.get_data_parallel_group() if parallel is not None and parallel.enabled else None
+        self.dp_group = dp_group
+        self.model = build_vqgan(cfg.Model, dp_group)
         loss = cfg.Loss
         self.disc = PatchDiscriminator(cfg.Model.in_channels, loss.disc_channels, loss.disc_layers)
         self.perceptual = VGGPerceptual(loss.perceptual_weights) if loss.perceptual_weight > 0 else None
@@ -121,7 +126,8 @@ class VQGANTask(Task):
             if gan_on and loss_cfg.disc_weight > 0:
                 with no_param_grads(self.disc):
                     g_loss = -self.disc(x_hat).mean()
-                w = adaptive_weight(total, g_loss, self.model.last_layer_weight()) * loss_cfg.disc_weight
+                w = adaptive_weight(total, g_loss, self.model.last_layer_weight(),
+                                    dp_group=self.dp_group) * loss_cfg.disc_weight
                 total = total + w * g_loss
                 logs.update(g_loss=float(g_loss), gan_weight=float(w))
             self._fake = x_hat.detach()

@@ -91,9 +91,16 @@ class VGGPerceptual(nn.Layer):
         return sum(((a - b).pow(2).sum(1).mean([1, 2]) for a, b in zip(self._taps(x), self._taps(y))))
 
 
-def adaptive_weight(rec_loss, gan_loss, last_weight, max_weight=1e4):
+def adaptive_weight(rec_loss, gan_loss, last_weight, max_weight=1e4, dp_group=None):
+    """||d rec / d W|| / ||d gan / d W|| at the decoder's last layer W. dp_group (data parallel over several
+    processes, each with part of the batch): both gradients are averaged over it first, so that every rank gets
+    the weight one process would compute on the whole batch."""
     g_rec = paddle.grad(rec_loss, last_weight, retain_graph=True)[0]
     g_gan = paddle.grad(gan_loss, last_weight, retain_graph=True)[0]
+    if dp_group is not None:
+        both = paddle.stack([g_rec, g_gan])
+        paddle.distributed.all_reduce(both, group=dp_group)
+        g_rec, g_gan = both[0] / dp_group.nranks, both[1] / dp_group.nranks
     w = paddle.linalg.norm(g_rec) / (paddle.linalg.norm(g_gan) + 1e-4)
     return paddle.clip(w, 0.0, max_weight).detach()
 

@@ -167,8 +167,12 @@ class VectorQuantizer(nn.Layer):
     where the codebook follows the running mean of its assigned encoder outputs instead).
     """
 
-    def __init__(self, num_codes, dim, beta, ema, decay, restart, threshold):
+    def __init__(self, num_codes, dim, beta, ema, decay, restart, threshold, dp_group=None):
+        """dp_group: the data-parallel communication group when several processes train one tokenizer on parts
+        of each batch (None: one process): the EMA statistics are summed over it and dead codes restart from rank
+        0's encoder outputs, so that every rank keeps the same codebook."""
         super().__init__()
+        self.dp_group = dp_group
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.restart, self.threshold = ema, decay, restart, threshold
         init = paddle.uniform([num_codes, dim], min=-1.0 / num_codes, max=1.0 / num_codes)
@@ -212,17 +216,23 @@ class VectorQuantizer(nn.Layer):
 
     def _update(self, z_flat, onehot, counts):
         dead = (self.usage < self.threshold).astype(z_flat.dtype).unsqueeze(1)  # judged before this step
+        sums = paddle.matmul(onehot, z_flat, transpose_x=True)   # [K, dim]: the encoder outputs given each code
+        if self.dp_group is not None:   # the whole batch's statistics: one all-reduce of [K, 1 + dim]
+            stats = paddle.concat([counts.unsqueeze(1), sums], axis=1)
+            paddle.distributed.all_reduce(stats, group=self.dp_group)
+            counts, sums = stats[:, 0], stats[:, 1:]
         self.usage.set_value(self.usage * self.decay + counts * (1 - self.decay))
         if self.ema:
             self.ema_count.set_value(self.ema_count * self.decay + counts * (1 - self.decay))
-            self.ema_sum.set_value(self.ema_sum * self.decay
-                                   + paddle.matmul(onehot, z_flat, transpose_x=True) * (1 - self.decay))
+            self.ema_sum.set_value(self.ema_sum * self.decay + sums * (1 - self.decay))
             n = self.ema_count.sum()
             smoothed = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
             self.codebook.set_value(self.ema_sum / smoothed.unsqueeze(1))
         if self.restart and float(dead.sum()) > 0:
             pick = paddle.randint(0, z_flat.shape[0], [self.num_codes])
             fresh = paddle.gather(z_flat, pick)
+            if self.dp_group is not None:   # every rank takes rank 0's picks (the dead set is the same everywhere)
+                paddle.distributed.broadcast(fresh, src=self.dp_group.ranks[0], group=self.dp_group)
             self.codebook.set_value(self.codebook * (1 - dead) + fresh * dead)
             self.usage.set_value(self.usage * (1 - dead.squeeze(1)) + dead.squeeze(1))
             if self.ema:
@@ -234,14 +244,15 @@ class VectorQuantizer(nn.Layer):
 class VQGAN(nn.Layer):
     """encode(images in [-1,1]) -> codes [B, h, w]; decode_codes(codes) -> images; forward for training."""
 
-    def __init__(self, config: VQGANConfig):
+    def __init__(self, config: VQGANConfig, dp_group=None):
+        """dp_group: the data-parallel group of a training run over several processes (VectorQuantizer)."""
         super().__init__()
         self.config = config
         c = config
         self.encoder = ImageEncoder(c)
         self.quant_conv = Conv2D(c.z_channels, c.embed_dim, 1)
         self.quantizer = VectorQuantizer(c.num_codes, c.embed_dim, c.beta, c.ema, c.ema_decay,
-                                         c.restart_dead_codes, c.dead_code_threshold)
+                                         c.restart_dead_codes, c.dead_code_threshold, dp_group)
         self.post_quant_conv = Conv2D(c.embed_dim, c.z_channels, 1)
         self.decoder = ImageDecoder(c)
 
