@@ -351,7 +351,8 @@ class Trainer:
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 dt = time.time() - t_last
-                logs["samples_per_s"] = n_last / max(dt, 1e-9)
+                # pairs of the whole step per second: every data-parallel rank trains as many as this one
+                logs["samples_per_s"] = n_last * self.par.data_world / max(dt, 1e-9)
                 logs["lr"] = self.scheds[next(iter(self.scheds))].last_lr
                 t_last, n_last = time.time(), 0
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "samples_per_s")})
