@@ -200,8 +200,10 @@ def test_distributed_config_is_checked_against_the_world_size():
         load_config(TINY, ["Distributed.offload=true"])
     with pytest.raises(ConfigError, match="Distributed.recompute must be one of"):
         load_config(TINY, ["Distributed.recompute=some"])
-    with pytest.raises(ConfigError, match="stage-1 tokenizer trains in one process"):
-        load_config(os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml"), ["Distributed.world_size=2"])
+    vq_tiny = os.path.join(ROOT, "configs/tests/vqgan_tiny.yaml")
+    with pytest.raises(ConfigError, match="stage-1 tokenizer trains data parallel only"):
+        load_config(vq_tiny, ["Distributed.world_size=2", "Distributed.mp_degree=2"])
+    assert load_config(vq_tiny, ["Distributed.world_size=2"]).Distributed.dp_degree == 2
     cfg = load_config(TINY, ["Distributed.world_size=8", "Distributed.mp_degree=2", "Distributed.pp_degree=2",
                              "Model.text_vocab_size=12296", "Train.batch_size=8", "Train.accum_steps=2"])
     assert (cfg.Distributed.dp_degree, cfg.Train.rank_batch_size) == (2, 2)
