@@ -24,10 +24,10 @@ PROCESSES = 2
 
 def _data_parallel(folder, train_cmd):
     """A tools/train.py command run data parallel on PROCESSES one-thread processes (Fleet over gloo; the logs of
-    each in <folder>/launch_logs). On these 2-core CPUs two processes of one thread do ~2x the images per second
+    each in <folder>/launch_logs). On these 2-core CPUs two processes of one thread do ~1.9x the images per second
     of one process with two threads in stage 1 (Paddle's convolutions gain little from a second thread) and
-    ~1.3x the pairs in stage 2 (docs/demo.md). Always PROCESSES, whatever the machine, so that a seed gives the
-    same models everywhere."""
+    ~1.2x the pairs in stage 2 (docs/demo.md, benchmarks/bench_processes.py). Always PROCESSES, whatever the
+    machine: the same layout, so the same computation for a seed (up to the CPU's own kernels)."""
     return ["-m", "paddle.distributed.launch", "--nproc_per_node", str(PROCESSES), "--log_dir",
             f"{folder}/launch_logs", *train_cmd, "-o", "Global.num_threads=1"]
 
