@@ -57,18 +57,23 @@ def reference(tiny_shards, tmp_path_factory):
     return tiny_shards, init, [h["loss"] for h in trainer.history], final, root
 
 
-def _launch(reference, name, extra):
-    shards, init, _, _, root = reference
-    out = root / name
+def _launch_two(config, overrides, out, name):
+    """tests/dist_worker.py on 2 gloo processes with these -o overrides (Global.output_dir=out among them) ->
+    each rank's per-step history; a failed run fails the test with both ranks' logs."""
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(out / "log"),
-           WORKER, "-c", TINY] + [a for o in _overrides(shards, out, init) + extra for a in ("-o", o)]
+           WORKER, "-c", config] + [a for o in overrides for a in ("-o", o)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if run.returncode:
         logs = "".join(open(os.path.join(out, "log", f)).read()[-3000:] for f in sorted(os.listdir(out / "log")))
         pytest.fail(f"{name} failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}\n{logs}")
-    hist = [json.load(open(out / f"history.rank{r}.json")) for r in range(2)]
-    return out, hist
+    return [json.load(open(out / f"history.rank{r}.json")) for r in range(2)]
+
+
+def _launch(reference, name, extra):
+    shards, init, _, _, root = reference
+    out = root / name
+    return out, _launch_two(TINY, _overrides(shards, out, init) + extra, out, name)
 
 
 @pytest.mark.parametrize("name,extra,data_parallel", [
@@ -352,16 +357,9 @@ def test_stage1_data_parallel_equals_one_process(tmp_path):
     ref = Trainer(cfg, build_task(cfg))
     ref.fit()
     ref_final = read_full_state(resolve_checkpoint(str(tmp_path / "ref")))
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     for gan in (False, True):
         out = tmp_path / f"dp2_gan{int(gan)}"
-        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
-               str(out / "log"), WORKER, "-c", VQ_TINY] + [a for o in _vq_overrides(out, init, gan) for a in ("-o", o)]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        if run.returncode:
-            logs = "".join(open(os.path.join(out, "log", f)).read()[-3000:] for f in sorted(os.listdir(out / "log")))
-            pytest.fail(f"stage-1 dp2 failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}\n{logs}")
-        hist = [json.load(open(out / f"history.rank{r}.json")) for r in range(2)]
+        hist = _launch_two(VQ_TINY, _vq_overrides(out, init, gan), out, f"stage-1 dp2 (gan {gan})")
         final = read_full_state(resolve_checkpoint(str(out)))
         if not gan:
             for key in ("rec", "vq", "loss"):
