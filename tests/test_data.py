@@ -9,7 +9,8 @@ from ppvilg.config import DATASET_DEFAULTS, to_config
 from ppvilg.data.datasets import ResumableBatchSampler, build_dataset, collate_pairs
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop
 from ppvilg.data.pairs import ManifestError, read_coco_captions, read_manifest
-from ppvilg.data.shapes import ShapesPairs, split_triples
+from ppvilg.data.shapes import SPLITS, ShapesPairs, all_texts, split_triples
+from ppvilg.text.tokenizer import DEFAULT_VOCAB, TextTokenizer
 
 
 def _png(path, arr):
@@ -157,6 +158,33 @@ def test_shapes_are_deterministic_and_heldout_combinations_unseen():
     assert combos and not combos & seen
     zh = ShapesPairs("train", 4, 32, "zh", 0).item(0)
     assert any("\u4e00" <= ch <= "\u9fff" for ch in zh["text"])
+
+
+def test_the_shapes_vocabulary_encodes_every_shapes_text_as_the_default_one_does():
+    """ppvilg/text/assets/shapes_vocab.txt (the demo's Text.vocab_file) is what tools/build_vocab.py --shapes builds
+    from the default vocabulary now, and every text of every shapes split, items drawn as training draws them,
+    becomes the same tokens under both (no [UNK])."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("build_vocab", os.path.join(root, "tools", "build_vocab.py"))
+    build_vocab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_vocab)
+    shapes_file = os.path.join(os.path.dirname(DEFAULT_VOCAB), "shapes_vocab.txt")
+    with open(shapes_file, encoding="utf-8") as f:
+        assert f.read().split("\n")[:-1] == build_vocab.shapes_vocab(DEFAULT_VOCAB)
+    full, small = TextTokenizer(DEFAULT_VOCAB), TextTokenizer(shapes_file)
+    assert small.vocab_size < 120 and (small.pad_id, small.bos_id, small.eos_id) == (full.pad_id, full.bos_id,
+                                                                                     full.eos_id)
+    texts = set(all_texts())
+    for split in SPLITS:
+        data = ShapesPairs(split, 40, 32, "both", 1)
+        for i in range(40):
+            item = data.item(i)
+            drawn = [item["text"]] + [t for qa in item["qa"] for t in (qa["question"], qa["answer"])]
+            assert set(drawn) <= texts, split
+    for text in texts:
+        as_full, as_small = full.tok.tokenize(text), small.tok.tokenize(text)
+        assert as_small == as_full and small.unk_id not in small.encode(text), text
 
 
 def test_batch_order_resumes_exactly():

@@ -157,6 +157,27 @@ def questions(attrs, other):
     return out
 
 
+def all_texts():
+    """Every text the generator can write, in every split (the novel shapes too): each caption template of each
+    language with each attribute combination, and each question and answer. The vocabulary of the built-in data
+    (tools/build_vocab.py --shapes)."""
+    out = []
+    for lang in ("zh", "en"):
+        for group in TEMPLATES.values():
+            for tpl in group[lang]:
+                for color, shape, position, size in itertools.product(COLORS, ALL_SHAPES, POSITIONS, SIZES):
+                    out.append(caption({"color": color, "shape": shape, "position": position, "size": size}, lang,
+                                       tpl))
+    for color, shape in itertools.product(COLORS, ALL_SHAPES):
+        attrs = {"color": color, "shape": shape, "position": next(iter(POSITIONS)), "size": next(iter(SIZES))}
+        for qa in questions(attrs, (color, shape)):
+            out += [qa["question"], qa["answer"]]
+    for position, size in itertools.product(POSITIONS, SIZES):
+        out += [_word("position", position, lang) for lang in ("zh", "en")]
+        out += [_word("size", size, lang) for lang in ("zh", "en")]
+    return out
+
+
 def normalize_answer(text):
     """Exact-match form of an answer: lower case, no spaces or punctuation."""
     return "".join(ch for ch in str(text).lower() if ch.isalnum())
