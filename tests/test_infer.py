@@ -45,10 +45,13 @@ def test_infer_caption_and_answer(run_dirs):
     vilg = _inference(run_dirs)
     want = vilg.caption([read_image(str(run_dirs / "red.png"))], caption_method="greedy", max_len=6)[0]["text"]
     assert json.loads(r.stdout.strip().splitlines()[-1])["text"] == want
-    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(run_dirs / "red.png"), "--question", "什么颜色",
+    assert json.loads(r.stdout.strip().splitlines()[-1])["unknown_words"] == [] and "warning" not in r.stderr
+    r = _run("tools/infer.py", str(run_dirs / "vilg"), "--image", str(run_dirs / "red.png"), "--question", "什么颜色🙂",
              "--json", "--max-len", "4")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["question"] == "什么颜色"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["question"] == "什么颜色🙂" and out["unknown_words"] == ["🙂"]   # a word the vocabulary lacks is named
+    assert "warning: the model's vocabulary" in r.stderr and "'🙂'" in r.stderr
 
 
 def test_infer_takes_its_sampler_defaults_from_the_checkpoint(run_dirs):
