@@ -150,6 +150,15 @@ def test_deploy_cli_matches_tools_infer(exported, run_dirs):
     # unset options: the checkpoint's Eval section vs the export's (exported with -o Eval.top_k=5)
     assert ja["sampler"]["top_k"] == 0 and jb["sampler"]["top_k"] == 5
     assert ja["sampler"]["caption_method"] == jb["sampler"]["caption_method"] == "greedy"
+    # a word the vocabulary has no token for is named by both, in the JSON and in a warning
+    q = ["--image", img, "--question", "什么颜色🙂", "--json", "--max-len", "3"]
+    a = subprocess.run([sys.executable, "tools/infer.py", str(run_dirs / "vilg"), *q], cwd=ROOT, capture_output=True,
+                       text=True, env=env, timeout=300)
+    b = subprocess.run([sys.executable, "deploy/python/infer.py", "--model-dir", str(out), *q], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=300)
+    for r in (a, b):
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])["unknown_words"] == ["🙂"] and "'🙂'" in r.stderr
     # deployment never imports the training package
     probe = subprocess.run([sys.executable, "-c", f"""
 import sys

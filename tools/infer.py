@@ -19,7 +19,7 @@ import cv2  # noqa: E402
 
 from ppvilg.data.images import BadImageError, make_grid, write_png  # noqa: E402
 from ppvilg.checkpoints import CheckpointError  # noqa: E402
-from ppvilg.text.tokenizer import TextTooLongError, unknown_words  # noqa: E402
+from ppvilg.text.tokenizer import TextTooLongError, warn_unknown_words  # noqa: E402
 from ppvilg_deploy.cli import add_sampler_arguments, apply_sampler_flags, check_arguments  # noqa: E402
 
 
@@ -48,11 +48,7 @@ def main(argv=None):
     try:
         vilg = ViLGInference.from_checkpoint(a.checkpoint)
         settings = apply_sampler_flags(vilg.sampler, a)
-        unknown = unknown_words(vilg.text_tokenizer, [t for t in (a.text, a.question) if t])
-        if unknown:   # the model sees [UNK] for them: say so rather than draw or answer as if it had read them
-            print(f"warning: the model's vocabulary ({vilg.text_tokenizer.vocab_file}) has no token for "
-                  f"{', '.join(map(repr, unknown))}: the model reads [UNK] there (tools/add_tokens.py adds words, "
-                  "to train them)", file=sys.stderr)
+        unknown = warn_unknown_words(vilg.text_tokenizer, (a.text, a.question))
         if a.text:
             images, codes, scores = vilg.text_to_image([a.text], rerank=a.rerank or bool(a.scorer), scorer=a.scorer,
                                                        sampler=settings)

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from ppvilg_deploy.cli import add_sampler_arguments, apply_sampler_flags, check_arguments  # noqa: E402
 from ppvilg_deploy.images import BadImageError, read_image  # noqa: E402
 from ppvilg_deploy.predictor import DeployPipeline, ExportError  # noqa: E402
-from ppvilg_deploy.tokenizer import TextTooLongError  # noqa: E402
+from ppvilg_deploy.tokenizer import TextTooLongError, warn_unknown_words  # noqa: E402
 
 
 def parse(argv):
@@ -55,6 +55,7 @@ def main(argv=None):
         pipe = DeployPipeline(a.model_dir, device=a.device, threads=a.threads, mkldnn=a.mkldnn,
                               memory_optim=a.memory_optim, precision=a.precision, gpu_id=a.gpu_id)
         settings = apply_sampler_flags(pipe.sampler, a)
+        unknown = warn_unknown_words(pipe.text_tokenizer, (a.text, a.question))
         if a.text:
             images, _, scores = pipe.text_to_image([a.text], sampler=settings, rerank=a.rerank)
             os.makedirs(a.out, exist_ok=True)
@@ -71,6 +72,7 @@ def main(argv=None):
                    else pipe.caption(images, sampler=settings))[0]
             result = {"image": a.image, "question": a.question, "text": out["text"], "score": out["score"]}
         result["sampler"] = settings.to_dict()
+        result["unknown_words"] = unknown
     except (ExportError, BadImageError, TextTooLongError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

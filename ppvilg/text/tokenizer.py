@@ -1,7 +1,8 @@
 """The text tokenizer (ppvilg_deploy.tokenizer, shared with deployment) with ppvilg's default vocabulary."""
 import os
 
-from ppvilg_deploy.tokenizer import TextTokenizer as _TextTokenizer, TextTooLongError  # noqa: F401
+from ppvilg_deploy.tokenizer import (TextTokenizer as _TextTokenizer, TextTooLongError,  # noqa: F401
+                                     unknown_words, warn_unknown_words)
 
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "vocab.txt")
 
@@ -24,13 +25,3 @@ def grown_vocab(tokenizer, words):
             new.append(w)
             sources[w] = [vocab[p] for p in tokenizer.pieces(w) if p != tokenizer.tok.unk_token and p in vocab]
     return new, sources
-
-
-def unknown_words(tokenizer, texts):
-    """The words of `texts` that the vocabulary can only encode with [UNK], in first-seen order."""
-    out = []
-    for t in texts:
-        for w in tokenizer.words(t):
-            if tokenizer.tok.unk_token in tokenizer.pieces(w) and w not in out:
-                out.append(w)
-    return out

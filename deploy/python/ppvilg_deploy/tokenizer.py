@@ -6,6 +6,7 @@ words); any ERNIE vocab.txt path can be given instead (`Text.vocab_file`); an ex
 vocabulary. [CLS] starts a text target ("begin of text") and [SEP] ends every text; [PAD] pads.
 """
 import os
+import sys
 import warnings
 
 
@@ -69,3 +70,24 @@ class TextTokenizer:
                 text += " "
             text += tok
         return text
+
+
+def unknown_words(tokenizer, texts):
+    """The words of `texts` that the vocabulary can only encode with [UNK], in first-seen order."""
+    out = []
+    for t in texts:
+        for w in tokenizer.words(t):
+            if tokenizer.tok.unk_token in tokenizer.pieces(w) and w not in out:
+                out.append(w)
+    return out
+
+
+def warn_unknown_words(tokenizer, texts, stream=None):
+    """The CLIs' check of a prompt or question: its `unknown_words`, named in a warning on `stream` (stderr) when
+    there are any (the model reads [UNK] there; a small vocabulary, like the demo's, lacks most words)."""
+    unknown = unknown_words(tokenizer, [t for t in texts if t])
+    if unknown:
+        print(f"warning: the model's vocabulary ({tokenizer.vocab_file}) has no token for "
+              f"{', '.join(map(repr, unknown))}: the model reads [UNK] there (tools/add_tokens.py adds words, to "
+              "train them)", file=stream or sys.stderr)
+    return unknown
