@@ -1,10 +1,12 @@
 import os
 import json
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from ppvilg.config import DATASET_DEFAULTS, to_config
 from ppvilg.data.datasets import ResumableBatchSampler, build_dataset, collate_pairs
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop
@@ -164,11 +166,8 @@ def test_the_shapes_vocabulary_encodes_every_shapes_text_as_the_default_one_does
     """ppvilg/text/assets/shapes_vocab.txt (the demo's Text.vocab_file) is what tools/build_vocab.py --shapes builds
     from the default vocabulary now, and every text of every shapes split, items drawn as training draws them,
     becomes the same tokens under both (no [UNK])."""
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("build_vocab", os.path.join(root, "tools", "build_vocab.py"))
-    build_vocab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_vocab)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import build_vocab
     shapes_file = os.path.join(os.path.dirname(DEFAULT_VOCAB), "shapes_vocab.txt")
     with open(shapes_file, encoding="utf-8") as f:
         assert f.read().split("\n")[:-1] == build_vocab.shapes_vocab(DEFAULT_VOCAB)

@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
 CJK_PUNCTUATION = list("。，、；：？！“”‘’（）《》〈〉【】「」『』…—～·")
 
@@ -43,7 +44,6 @@ def build(jieba_dict, english_words):
 
 def shapes_vocab(default_vocab):
     """The shapes data's vocabulary (see the module doc): a list of tokens, from the vocab.txt `default_vocab`."""
-    sys.path.insert(0, ROOT)
     from ppvilg.data.shapes import all_texts
     from ppvilg.text.tokenizer import TextTokenizer
     tok = TextTokenizer(default_vocab)

@@ -162,20 +162,14 @@ def all_texts():
     language with each attribute combination, and each question and answer. The vocabulary of the built-in data
     (tools/build_vocab.py --shapes)."""
     out = []
-    for lang in ("zh", "en"):
-        for group in TEMPLATES.values():
-            for tpl in group[lang]:
-                for color, shape, position, size in itertools.product(COLORS, ALL_SHAPES, POSITIONS, SIZES):
-                    out.append(caption({"color": color, "shape": shape, "position": position, "size": size}, lang,
-                                       tpl))
-    for color, shape in itertools.product(COLORS, ALL_SHAPES):
-        attrs = {"color": color, "shape": shape, "position": next(iter(POSITIONS)), "size": next(iter(SIZES))}
-        for qa in questions(attrs, (color, shape)):
-            out += [qa["question"], qa["answer"]]
-    for position, size in itertools.product(POSITIONS, SIZES):
-        out += [_word("position", position, lang) for lang in ("zh", "en")]
-        out += [_word("size", size, lang) for lang in ("zh", "en")]
-    return out
+    for values in itertools.product(COLORS, ALL_SHAPES, POSITIONS, SIZES):
+        attrs = dict(zip(ATTRIBUTES, values))
+        out += [caption(attrs, lang, tpl) for group in TEMPLATES.values() for lang in ("zh", "en")
+                for tpl in group[lang]]
+        # each (colour, shape) pair is some item's own, so asking about it covers every yes/no question
+        out += [text for qa in questions(attrs, (attrs["color"], attrs["shape"]))
+                for text in (qa["question"], qa["answer"])]
+    return list(dict.fromkeys(out))
 
 
 def normalize_answer(text):

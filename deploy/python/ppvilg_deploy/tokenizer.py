@@ -82,12 +82,12 @@ def unknown_words(tokenizer, texts):
     return out
 
 
-def warn_unknown_words(tokenizer, texts, stream=None):
-    """The CLIs' check of a prompt or question: its `unknown_words`, named in a warning on `stream` (stderr) when
-    there are any (the model reads [UNK] there; a small vocabulary, like the demo's, lacks most words)."""
+def warn_unknown_words(tokenizer, texts):
+    """The CLIs' check of a prompt or question: its `unknown_words`, named in a warning on stderr when there are
+    any (the model reads [UNK] there; a small vocabulary, like the demo's, lacks most words)."""
     unknown = unknown_words(tokenizer, [t for t in texts if t])
     if unknown:
         print(f"warning: the model's vocabulary ({tokenizer.vocab_file}) has no token for "
               f"{', '.join(map(repr, unknown))}: the model reads [UNK] there (tools/add_tokens.py adds words, to "
-              "train them)", file=stream or sys.stderr)
+              "train them)", file=sys.stderr)
     return unknown
