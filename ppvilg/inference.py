@@ -22,6 +22,7 @@ import paddle
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array, to_uint8_image
 from ppvilg.checkpoints import CheckpointError, has_module, load_matching_image_tokenizer, load_model, load_module
 from ppvilg.generation import Generator, SamplerSettings
+from ppvilg_deploy.decoding import kept_candidates
 from ppvilg.models.reconstructor import E2EReconstructor
 from ppvilg.text.tokenizer import TextTokenizer
 
@@ -111,21 +112,32 @@ class ViLGInference:
         for t in texts:
             self.text_tokenizer.encode(t, max_len=self.model.config.max_text_len, truncate=False)
 
-    def text_to_image(self, texts, rerank=False, scorer=None, truncate=False, sampler=None, **changes):
-        """-> (images [T, N, S, S, 3] best first when reranked, codes [T, N, g, g], scores [T, N] or None).
-        N = candidates; `changes`: SamplerSettings fields over `sampler` (default: self.sampler). A prompt
-        longer than the model's text length is an error (TextTooLongError), or cut with truncate."""
+    def text_to_image(self, texts, rerank=False, scorer=None, truncate=False, sampler=None, keep=None, **changes):
+        """-> (images [T, K, S, S, 3], codes [T, N, g, g] best first when reranked, scores [T, N] or None).
+        N = candidates; K = `keep` (default N): only each prompt's first K candidates, the best when reranked,
+        are decoded into images. `changes`: SamplerSettings fields over `sampler` (default: self.sampler). A
+        prompt longer than the model's text length is an error (TextTooLongError), or cut with truncate."""
         if not truncate:
             self.check_text(texts)
         settings = self.gen.settings(sampler, **changes)
+        keep = kept_candidates(keep, settings.candidates)
         codes = self.gen.text_to_image(texts, settings, truncate)
-        images = self.reconstruct_e2e(texts, codes) if self.e2e is not None else self.decode(codes)
-        scores = None
+        images = scores = None
         if rerank:
+            if scorer is not None:   # a user's scorer reads the pixels of every candidate
+                images = self.pixels(texts, codes)
             order, scores = self.gen.rerank(texts, codes, scorer=scorer, images=images, how=settings.rerank_score)
             idx = np.arange(len(texts))[:, None]
-            codes, images, scores = codes[idx, order], images[idx, order], scores[idx, order]
+            codes, scores = codes[idx, order], scores[idx, order]
+            if images is not None:
+                images = images[idx, order]
+        images = self.pixels(texts, codes[:, :keep]) if images is None else images[:, :keep]
         return images, codes, scores
+
+    def pixels(self, texts, codes):
+        """codes [T, N, g, g] of the prompts `texts` -> RGB uint8 images [T, N, S, S, 3]: the end-to-end
+        reconstructor's when the checkpoint has one, else the VQ decoder's."""
+        return self.reconstruct_e2e(texts, codes) if self.e2e is not None else self.decode(codes)
 
     def caption(self, images, sampler=None, **changes):
         return self.gen.image_to_text(self.encode(images), sampler, **changes)

@@ -79,6 +79,17 @@ def test_exported_scores_and_rerank_equal_the_dynamic_graph(exported):
     assert (scores_p > 0).all() and (scores_p <= n_tokens).all()   # probabilities: at most one per token
     # the exported VQ decoder sums in another order: a pixel may round the other way
     np.testing.assert_allclose(images.astype(int), pipe.decode(got_codes).astype(int), atol=1, rtol=0)
+    # keep=1: the same draw and ranking, only the best candidate's image decoded, in both backends
+    best_dep, codes_1, scores_1 = dep.text_to_image(texts, candidates=3, top_k=5, seed=4, rerank=True, keep=1)
+    np.testing.assert_array_equal(codes_1, got_codes)
+    np.testing.assert_array_equal(scores_1, got_scores)
+    np.testing.assert_array_equal(best_dep, images[:, :1])
+    best_dyg, codes_v1, _ = pipe.text_to_image(texts, rerank=True, candidates=3, top_k=5, seed=4, keep=1)
+    np.testing.assert_array_equal(codes_v1, got_codes)
+    np.testing.assert_array_equal(best_dyg, pipe.decode(got_codes[:, :1]))
+    for bad in (0, 4, 1.5):
+        with pytest.raises(ValueError, match="keep must be an integer from 1 to the 3 candidates"):
+            dep.text_to_image(texts, candidates=3, keep=bad)
 
 
 def test_one_seed_per_text_gives_each_text_what_it_gets_alone(exported):

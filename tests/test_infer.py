@@ -31,6 +31,16 @@ def test_infer_text_to_image_writes_pngs_and_grid(run_dirs, tmp_path):
     lp = vilg.gen.caption_logprob(codes[0], ["左上角有一个小红色圆形"] * 3)
     np.testing.assert_allclose(out["scores"], lp, rtol=0, atol=1e-4)
     assert list(lp) == sorted(lp, reverse=True)
+    # a user's scorer sees every candidate's pixels; keep=2 then returns the two it ranks first
+    def darkest_first(texts, ims):
+        assert len(ims) == 3 and all(im.shape == images[0, 0].shape for im in ims)
+        return [-float(im.mean()) for im in ims]
+    kept, codes2, scores2 = vilg.text_to_image(["左上角有一个小红色圆形"], rerank=True, candidates=3, top_k=5,
+                                              scorer=darkest_first, keep=2)
+    assert kept.shape[:2] == (1, 2) and codes2.shape[:2] == (1, 3)
+    np.testing.assert_array_equal(scores2[0], sorted(scores2[0], reverse=True))
+    np.testing.assert_array_equal(kept[0], vilg.decode(codes2[0, :2]))
+    np.testing.assert_allclose(-scores2[0], [im.mean() for im in vilg.decode(codes2[0])])
 
 
 def _inference(run_dirs):

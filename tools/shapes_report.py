@@ -115,7 +115,7 @@ def main(argv=None):
         log.warning(f"{cut} of {n} prompts are longer than the model's {limit} text tokens; they are cut")
     t0 = time.time()
     images, codes, scores = vilg.text_to_image(prompts, rerank=sampler.candidates > 1, sampler=sampler,
-                                               truncate=True)
+                                               truncate=True, keep=1)   # only the best is read back
     t_t2i = time.time() - t0
     best = images[:, 0]
     shapes = tuple(ALL_SHAPES) if args.split.startswith("novel") else tuple(SHAPES)

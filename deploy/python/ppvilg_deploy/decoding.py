@@ -201,6 +201,16 @@ def rank_candidates(token_logprobs, weights, num_texts, how="logprob"):
     return np.argsort(-scores, axis=1, kind="stable"), scores
 
 
+def kept_candidates(keep, candidates):
+    """How many of a prompt's `candidates` (best first when reranked) a text->image call turns into images:
+    all with keep=None, else `keep`, from 1 to `candidates` (decoding the others would be wasted work)."""
+    if keep is None:
+        return candidates
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= candidates:
+        raise ValueError(f"keep must be an integer from 1 to the {candidates} candidates, got {keep!r}")
+    return int(keep)
+
+
 def _log(p):
     with np.errstate(divide="ignore"):   # log(0) = -inf: a filtered-out token
         return np.log(p)

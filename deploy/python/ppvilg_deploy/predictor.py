@@ -15,7 +15,7 @@ import os
 import numpy as np
 import yaml
 
-from ppvilg_deploy.decoding import Decoding, SamplerSettings, rank_candidates, rerank_scores
+from ppvilg_deploy.decoding import Decoding, SamplerSettings, kept_candidates, rank_candidates, rerank_scores
 from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_image
 from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg_deploy.tokenizer import TextTokenizer
@@ -280,20 +280,23 @@ class DeployPipeline(Decoding):
         """`sampler` (default: the export's, self.sampler) with `changes` (SamplerSettings fields)."""
         return (sampler or self.sampler).replace(**changes)
 
-    def text_to_image(self, texts, sampler=None, truncate=False, rerank=False, seeds=None, **changes):
-        """-> (RGB uint8 images [len(texts), N, S, S, 3], codes [len(texts), N, grid, grid], scores [len(texts),
-        N] or None), N = candidates; reranked (best first, by the model's own caption
-        token probabilities, as settings.rerank_score says) with rerank.
+    def text_to_image(self, texts, sampler=None, truncate=False, rerank=False, seeds=None, keep=None, **changes):
+        """-> (RGB uint8 images [len(texts), K, S, S, 3], codes [len(texts), N, grid, grid], scores [len(texts),
+        N] or None), N = candidates, K = `keep` (default N): only each text's first K candidates are decoded
+        into images; reranked (best first, by the model's own caption token probabilities, as
+        settings.rerank_score says) with rerank.
         Pixels come from the end-to-end reconstructor when the export has one, else the VQ decoder. `seeds`:
         one sampling seed per text (see Decoding.sample_codes)."""
         settings = self.settings(sampler, **changes)
+        keep = kept_candidates(keep, settings.candidates)
         codes = self.sample_codes(texts, settings, truncate, seeds=seeds)
         scores = None
         if rerank:
             order, scores = self.rerank(texts, codes, settings.rerank_score)
             idx = np.arange(len(texts))[:, None]
             codes, scores = codes[idx, order], scores[idx, order]
-        images = self.reconstruct(texts, codes, truncate) if self.reconstructor == "end_to_end" else self.decode(codes)
+        best = codes[:, :keep]
+        images = self.reconstruct(texts, best, truncate) if self.reconstructor == "end_to_end" else self.decode(best)
         return images, codes, scores
 
     def caption(self, images, sampler=None, **changes):
