@@ -22,8 +22,8 @@ DEMO_ARGS = $(if $(SEED),--seed $(SEED) --out output/demo_seed$(SEED))
 demo: install
 	$(PYTHON) tools/run_demo.py $(DEMO_ARGS)
 
-# after `make demo` (with the same SEED): its stage 2 trained 2000 steps longer (yes/no questions learned; ~20 more
-# minutes on 2 CPU cores), then the same report on the test split in output/demo/long (output/demo_seedN/long)
+# after `make demo` (with the same SEED): its stage 2 trained 2000 steps longer, mostly on the yes/no questions (~12
+# more minutes on 2 CPU cores), then the same report on the test split in output/demo/long (output/demo_seedN/long)
 demo-long: install
 	$(PYTHON) tools/run_demo.py --long $(DEMO_ARGS)
 
