@@ -120,6 +120,11 @@ def test_text_tokenizer_round_trips_chinese_and_english():
         assert ids[-1] == tok.eos_id and tok.unk_id not in ids
         assert tok.decode(ids) == text
     assert len(tok.encode("红" * 50, max_len=16)) == 16
+    # encode remembers a text's ids (training meets each caption often): a caller changing its list changes
+    # nothing for the next call, and the remembered ids are WordPiece's
+    first = tok.encode("一个红色圆形")
+    first.append(-1)
+    assert tok.encode("一个红色圆形") == tok.tok.convert_tokens_to_ids(tok.tok.tokenize("一个红色圆形")) + [tok.eos_id]
 
 
 def test_parameter_counts_are_analytic():
