@@ -137,7 +137,8 @@ def test_generations_are_the_pipelines_images_in_openais_shape(server):
                    timeout=120)
     assert r.status_code == 200, r.text
     j = r.json()
-    assert set(j) == {"created", "data", "seed"} and j["seed"] == 5 and isinstance(j["created"], int)
+    assert set(j) == {"created", "data", "seed", "unknown_words"} and j["seed"] == 5 and isinstance(j["created"], int)
+    assert j["unknown_words"] == []
     assert all(set(d) == {"b64_json"} for d in j["data"])
     want, _, _ = dep.text_to_image([PROMPT], candidates=3, seed=5, top_k=4)
     np.testing.assert_array_equal(np.stack([_unpng(d["b64_json"]) for d in j["data"]]), want[0])
@@ -159,6 +160,9 @@ def test_generations_are_the_pipelines_images_in_openais_shape(server):
     again = httpx.post(url + "/v1/images/generations", json={"prompt": PROMPT, "n": 1, "seed": j["seed"]},
                        timeout=120).json()
     assert again["data"][0]["b64_json"] == j["data"][0]["b64_json"]
+    # a word the vocabulary has no token for is named (the model reads [UNK] there)
+    j = httpx.post(url + "/v1/images/generations", json={"prompt": "红色🙂圆形", "n": 1, "seed": 1}, timeout=120).json()
+    assert j["unknown_words"] == ["🙂"]
 
 
 def test_captions_and_answers_from_json_and_from_uploads(server, run_dirs):
@@ -181,7 +185,10 @@ def test_captions_and_answers_from_json_and_from_uploads(server, run_dirs):
     want = dep.answer([image], q, caption_method="beam", beam_size=2)[0]
     got = httpx.post(url + "/v1/answers", files={"image": ("red.png", png, "image/png")},
                      data={"question": q, "method": "beam", "beam_size": "2"}, timeout=120).json()
-    assert got["text"] == want["text"]
+    assert got["text"] == want["text"] and got["unknown_words"] == [] and "unknown_words" not in a
+    got = httpx.post(url + "/v1/answers", json={"image": base64.b64encode(png).decode(), "question": q + "🙂"},
+                     timeout=120).json()
+    assert got["unknown_words"] == ["🙂"]
 
 
 BAD = [
@@ -287,10 +294,11 @@ def test_the_web_page_in_a_real_browser(server, run_dirs):
         src = imgs[0].get_attribute("src")
         shown = _unpng(src.split(",", 1)[1])
         assert caption == dep.caption([shown])[0]["text"]
-        browser.find_element(By.ID, "question").send_keys("什么颜色")
+        browser.find_element(By.ID, "question").send_keys("什么颜色☃")   # a word the vocabulary lacks, named
         browser.find_element(By.ID, "ask").click()
         wait.until(lambda b: b.find_element(By.ID, "answer").text not in ("", "..."))
-        assert browser.find_element(By.ID, "answer").text == dep.answer([shown], "什么颜色")[0]["text"]
+        assert browser.find_element(By.ID, "answer").text == dep.answer([shown], "什么颜色☃")[0]["text"]
+        assert "not in the model's vocabulary (read as [UNK]): ☃" in browser.find_element(By.ID, "status").text
         # upload an image of one's own
         browser.find_element(By.ID, "upload").send_keys(str(run_dirs / "red.png"))
         red = cv2.imread(str(run_dirs / "red.png"))[:, :, ::-1]

@@ -38,15 +38,9 @@ def _stage2_paths(out):
             "-o", f"Data.train.path={out}/codes/train", "-o", f"Data.eval.path={out}/codes/dev"]
 
 
-def _shards(vq, split, folder):
-    """tools/tokenize_images.py on one thread: the demo runs the train and dev shards side by side, one per core."""
-    return ["tools/tokenize_images.py", *vq, "--split", split, "--out", folder, "--overwrite",
-            "-o", "Global.num_threads=1"]
-
-
 def stages(out=OUT, seed=None):
-    """The demo's stages, (name, command) or (name, [commands run side by side]); `out` other than output/demo
-    and `seed` (Global.seed of both training stages) become -o overrides of the configs."""
+    """The demo's commands; `out` other than output/demo and `seed` (Global.seed of both training stages)
+    become -o overrides of the configs."""
     vq = ["-c", "configs/demo/vqgan_shapes.yaml"]
     vilg = ["-c", "configs/demo/vilg_shapes.yaml"]
     train_vq, train_vilg = [], []
@@ -57,8 +51,10 @@ def stages(out=OUT, seed=None):
         train_vq, train_vilg = ["-o", f"Global.seed={seed}"], ["-o", f"Global.seed={seed}"]
     return [
         ("stage 1: image tokenizer", _data_parallel(f"{out}/vqgan", ["tools/train.py", *vq, *train_vq])),
-        ("code shards (train and dev)", [_shards(vq, "train", f"{out}/codes/train"),
-                                         _shards(vq, "eval", f"{out}/codes/dev")]),
+        ("code shards (train)", ["tools/tokenize_images.py", *vq, "--split", "train", "--out",
+                                 f"{out}/codes/train", "--overwrite"]),
+        ("code shards (dev)", ["tools/tokenize_images.py", *vq, "--split", "eval", "--out",
+                               f"{out}/codes/dev", "--overwrite"]),
         ("stage 2: unified transformer", _data_parallel(f"{out}/vilg", ["tools/train.py", *vilg, *train_vilg])),
         ("report (test split)", ["tools/shapes_report.py", *vilg, "--out", out]),
     ]
@@ -76,19 +72,6 @@ def long_stages(out=OUT, seed=None):
         ("stage 2, 2000 steps longer", _data_parallel(f"{out}/vilg_long", ["tools/train.py", *cfg, *train])),
         ("report (test split)", ["tools/shapes_report.py", *cfg, "--out", f"{out}/long"]),
     ]
-
-
-def run_side_by_side(name, cmds):
-    """Runs `cmds` (python argument lists) at once; -> the first nonzero exit status, or 0. A command of one
-    thread (the data-parallel launches, the side-by-side ones) gets OMP_NUM_THREADS=1."""
-    procs = []
-    for cmd in cmds:
-        print(f"==> {name}: python {' '.join(cmd)}", flush=True)
-        one_thread = cmd[:2] == ["-m", "paddle.distributed.launch"] or len(cmds) > 1
-        env = dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None
-        procs.append(subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env))
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
 
 
 def main(argv=None):
@@ -109,10 +92,11 @@ def main(argv=None):
     else:
         todo = stages(out, args.seed)
     times = []
-    for name, cmds in todo:
-        cmds = cmds if isinstance(cmds[0], list) else [cmds]
+    for name, cmd in todo:
+        print(f"==> {name}: python {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        rc = run_side_by_side(name, cmds)
+        env = dict(os.environ, OMP_NUM_THREADS="1") if cmd[:2] == ["-m", "paddle.distributed.launch"] else None
+        rc = subprocess.call([sys.executable, *cmd], cwd=ROOT, env=env)
         times.append((name, time.time() - t0))
         if rc:
             print(f"run_demo: '{name}' failed with exit status {rc}", file=sys.stderr)

@@ -5,10 +5,12 @@
     GET  /v1/models                what is loaded: sizes, languages, sampler defaults, serving limits
     POST /v1/images/generations    {prompt, n?, seed?, temperature?, top_k?, top_p?, cfg_scale?, decoding?,
                                    sjd_window?, rerank?, rerank_score?, response_format?: "b64_json"}
-                                   -> {"created", "data": [{"b64_json", "score"?}], "seed"}  (OpenAI's shape)
+                                   -> {"created", "data": [{"b64_json", "score"?}], "seed", "unknown_words"}
+                                   (OpenAI's shape; unknown_words: the prompt's words the vocabulary lacks)
     POST /v1/captions              {image: base64 (or a data: URL), method?, beam_size?, max_len?}, or the same
                                    fields as multipart/form-data with the image as a file -> {"text", "score", ...}
-    POST /v1/answers               {image, question, method?, beam_size?, max_len?} (JSON or multipart) -> {"text", ...}
+    POST /v1/answers               {image, question, method?, beam_size?, max_len?} (JSON or multipart)
+                                   -> {"text", ..., "unknown_words"}
 
 Options not given take the export's defaults (inference.yml's sampler). A bad request is answered 400 with
 {"error": {"message", "type": "invalid_request_error", "param": the field}}; a body over the limit 413; a full
@@ -34,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ppvilg_deploy.batching import Batcher, JobTimeout, QueueFull
 from ppvilg_deploy.decoding import SamplerSettingError
 from ppvilg_deploy.images import BadImageError, decode_image
-from ppvilg_deploy.tokenizer import TextTooLongError
+from ppvilg_deploy.tokenizer import TextTooLongError, unknown_words
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
 MAX_SEED = 2 ** 63 - 1
@@ -373,7 +375,8 @@ def create_app(pipe, settings=None):
             if scores is not None:
                 item["score"] = float(scores[k])
             data.append(item)
-        return {"created": int(time.time()), "data": data, "seed": seed}
+        return {"created": int(time.time()), "data": data, "seed": seed,
+                "unknown_words": unknown_words(pipe.seq.tok, [req.prompt])}
 
     async def text_endpoint(request, model, kind):
         req, uploads = await _parse(request, model, limit, files=("image",))
@@ -384,8 +387,11 @@ def create_app(pipe, settings=None):
             service.check_text(req.question, "question")
             payload["question"] = req.question
         out = await service.run(kind, key, 1, payload)
-        return {"created": int(time.time()), "text": out["text"], "score": out["score"], "logprob": out["logprob"],
-                "method": st.caption_method}
+        result = {"created": int(time.time()), "text": out["text"], "score": out["score"], "logprob": out["logprob"],
+                  "method": st.caption_method}
+        if kind == "answer":
+            result["unknown_words"] = unknown_words(pipe.seq.tok, [req.question])
+        return result
 
     @app.post("/v1/captions")
     async def captions(request: Request):
