@@ -22,9 +22,9 @@ import paddle
 from ppvilg.data.images import BadImageError, read_image, resize_center_crop, to_tensor_array, to_uint8_image
 from ppvilg.checkpoints import CheckpointError, has_module, load_matching_image_tokenizer, load_model, load_module
 from ppvilg.generation import Generator, SamplerSettings
-from ppvilg_deploy.decoding import kept_candidates
 from ppvilg.models.reconstructor import E2EReconstructor
 from ppvilg.text.tokenizer import TextTokenizer
+from ppvilg_deploy.decoding import kept_candidates
 
 
 class ViLGInference:

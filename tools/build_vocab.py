@@ -8,7 +8,7 @@ spelled letter by letter.   python tools/build_vocab.py [--out PATH]
 Text.vocab_file): the special tokens and the tokens of the default vocabulary that its texts use (every caption,
 question and answer ppvilg/data/shapes.py can write, novel shapes included), in the default vocabulary's order, so
 that each of those texts becomes the same tokens. A demo-sized model with ~100 text tokens instead of 12,295
-trains ~15% faster on these CPUs (docs/demo.md): the tied text head and its gradient, the embedding's Adam update
+trains ~15% faster on these CPUs (docs/demo.md): the text head (untied by default) and its gradient, the Adam updates
 and the gradient all-reduce all scale with the vocabulary.   python tools/build_vocab.py --shapes [--out PATH]
 """
 import argparse
