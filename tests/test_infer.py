@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import paddle
 import pytest
 
 from conftest import ROOT
@@ -118,6 +119,17 @@ def test_shapes_report_scores_what_it_wrote(run_dirs, tmp_path):
     assert [e["truth"] for e in rep["examples"]] == truth
     lo, hi = rep["intervals"]["t2i"]["all_correct"]
     assert 0 <= lo <= rep["t2i_all_correct"] <= hi <= 1
+    # the tokenizer's reconstructions of the real images, read back: recomputed through the image tokenizer
+    from ppvilg.checkpoints import load_image_tokenizer
+    from ppvilg_deploy.images import to_tensor_array, to_uint8_image
+    vq = load_image_tokenizer(str(run_dirs / "vq"))[0]
+    real = np.stack([to_tensor_array(ShapesPairs("test", 6, 16, "both", 0).item(i)["image"]) for i in range(6)])
+    recon = vq.decode_codes(vq.encode(paddle.to_tensor(real))).numpy()
+    read = [read_shape(to_uint8_image(a)) for a in recon]
+    acc, per = attribute_accuracy(read, truth)
+    assert rep["vq_readback_attribute_accuracy"] == pytest.approx(acc) and rep["vq_readback_per_attribute"] == per
+    assert rep["vq_readback_all_correct"] == pytest.approx(np.mean([r == t for r, t in zip(read, truth)]))
+    assert set(rep["intervals"]["vq_readback"]) == set(rep["intervals"]["t2i"])
     # an Eval override would be ignored (the sampler is the checkpoint's): refused, naming the flags
     r = _run("tools/shapes_report.py", "-c", "configs/tests/vilg_tiny.yaml", "-o", "Eval.candidates=8")
     assert r.returncode != 0 and "-o Eval.candidates=8" in r.stderr and "--num" in r.stderr

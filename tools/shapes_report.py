@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ppvilg.data.images import make_grid, write_png  # noqa: E402
-from ppvilg.data.shapes import ALL_SHAPES, ATTRIBUTES, QUESTION_TYPES, SHAPES, TEMPLATES, ShapesPairs, caption, normalize_answer  # noqa: E402
+from ppvilg.data.shapes import ATTRIBUTES, QUESTION_TYPES, TEMPLATES, ShapesPairs, caption, normalize_answer  # noqa: E402
 from ppvilg.metrics.captions import caption_scores  # noqa: E402
 from ppvilg.metrics.recon import psnr  # noqa: E402
-from ppvilg.metrics.shapes_reader import attribute_accuracy, read_caption, read_image  # noqa: E402
+from ppvilg.metrics.shapes_reader import attribute_accuracy, read_caption, read_image, split_shapes  # noqa: E402
 from ppvilg.inference import ViLGInference  # noqa: E402
 from ppvilg.utils.io import atomic_write_json  # noqa: E402
 from ppvilg_deploy.cli import add_sampler_arguments, apply_sampler_flags  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv=None):
                                                truncate=True, keep=1)   # only the best is read back
     t_t2i = time.time() - t0
     best = images[:, 0]
-    shapes = tuple(ALL_SHAPES) if args.split.startswith("novel") else tuple(SHAPES)
+    shapes = split_shapes(args.split)
     read = [read_image(im, shapes=shapes) for im in best]
     t2i_acc, t2i_per, t2i_all, t2i_ci = score(read, truth)
     os.makedirs(os.path.join(args.out, "t2i"), exist_ok=True)
@@ -145,8 +145,11 @@ def main(argv=None):
     vqa_ci = {"accuracy": proportion_interval(sum(right), n),
               **{kind: proportion_interval(sum(r for r, q in zip(right, asked) if q["type"] == kind),
                                            sum(q["type"] == kind for q in asked)) for kind in QUESTION_TYPES}}
-    # the image tokenizer's reconstruction PSNR on the same images (what stage 2 can at best reproduce)
-    vq_psnr = psnr(real, list(np.concatenate([vilg.decode(real_codes[s:s + 64]) for s in range(0, n, 64)])))
+    # the image tokenizer's reconstructions of the same images (what stage 2 can at best reproduce): PSNR, and
+    # their attributes read back like the generated images (the ceiling of the text->image figures)
+    recon = list(np.concatenate([vilg.decode(real_codes[s:s + 64]) for s in range(0, n, 64)]))
+    vq_psnr = psnr(real, recon)
+    vq_acc, vq_per, vq_all, vq_ci = score([read_image(im, shapes=shapes) for im in recon], truth)
     report = {
         "split": args.split,
         "t2i_attribute_accuracy": t2i_acc, "t2i_per_attribute": t2i_per,
@@ -154,8 +157,9 @@ def main(argv=None):
         "caption_attribute_accuracy": cap_acc, "caption_per_attribute": cap_per, "caption_all_correct": cap_all,
         "caption_bleu4": metrics["bleu4"], "caption_cider": metrics["cider"], "caption_rouge_l": metrics["rouge_l"],
         "vqa_accuracy": float(np.mean(right)), "vqa_per_type": vqa_per_type,
-        "vq_psnr": vq_psnr,
-        "intervals": {"t2i": t2i_ci, "caption": cap_ci, "vqa": vqa_ci, "confidence": 0.95},
+        "vq_psnr": vq_psnr, "vq_readback_attribute_accuracy": vq_acc, "vq_readback_per_attribute": vq_per,
+        "vq_readback_all_correct": vq_all,
+        "intervals": {"t2i": t2i_ci, "caption": cap_ci, "vqa": vqa_ci, "vq_readback": vq_ci, "confidence": 0.95},
         "num_prompts": n, "truncated_prompts": cut, "first_item": 0, "candidates": sampler.candidates, "sampler": sampler.to_dict(),
         "sampling": {"temperature": sampler.temperature, "top_k": sampler.top_k, "cfg_scale": sampler.cfg_scale,
                      "seed": sampler.seed},
@@ -178,7 +182,8 @@ def main(argv=None):
     print(f"caption BLEU-4 {metrics['bleu4']:.3f}  CIDEr {metrics['cider']:.3f}  ROUGE-L {metrics['rouge_l']:.3f}")
     print(f"VQA exact-match accuracy:       {report['vqa_accuracy']:.3f} {ci['vqa']['accuracy']}  "
           f"{ {k: round(v, 3) for k, v in vqa_per_type.items()} }")
-    print(f"VQ PSNR ({args.split}): {vq_psnr:.2f} dB")
+    print(f"VQ PSNR ({args.split}): {vq_psnr:.2f} dB; its reconstructions read back: attribute accuracy "
+          f"{vq_acc:.3f}, all correct {vq_all:.3f} {ci['vq_readback']['all_correct']} (the text->image ceiling)")
     print(f"images: {report['images']}  report: {os.path.join(args.out, 'report.json')}")
 
 

@@ -9,6 +9,7 @@ from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
 from ppvilg.engine.task_interface import Task
 from ppvilg.metrics.recon import codebook_stats, psnr, ssim
+from ppvilg.metrics.shapes_reader import ATTRIBUTES, read_image, split_shapes
 from ppvilg.registry import TASKS, model_config
 from ppvilg.vq.losses import (PatchDiscriminator, VGGPerceptual, adaptive_weight, hinge_d_loss,
                               reconstruction_loss)
@@ -143,6 +144,10 @@ class VQGANTask(Task):
         bs, nvis = self.cfg.Eval.batch_size, self.cfg.Eval.num_visuals
         counts = np.zeros(self.model.config.num_codes, np.int64)
         p_sum, s_sum, n, skipped, visuals = 0.0, 0.0, 0, 0, []
+        # built-in shapes: the reconstructions read back by the exact reader (the ceiling of stage 2's images)
+        section = dataset.section
+        shapes = split_shapes(section.split) if section.source == "shapes" else None
+        read_ok, read_all = 0, 0
         for batch in eval_batches(dataset, bs):
             skipped += len(batch["skipped"])
             if "image" not in batch:
@@ -156,6 +161,12 @@ class VQGANTask(Task):
             p_sum += psnr(real, fake) * len(real)
             s_sum += ssim(real, fake) * len(real)
             n += len(real)
+            if shapes is not None:
+                for i, f in zip(batch["index"], fake):
+                    got, truth = read_image(f, shapes=shapes), dataset.meta(int(i))
+                    right = sum(got[a] == truth[a] for a in ATTRIBUTES)
+                    read_ok += right
+                    read_all += right == len(ATTRIBUTES)
             for r, f in zip(real, fake):
                 if len(visuals) < 2 * nvis:
                     visuals += [r, f]
@@ -165,4 +176,7 @@ class VQGANTask(Task):
         usage, perplexity = codebook_stats(counts)
         metrics = {"psnr": p_sum / n, "ssim": s_sum / n, "codebook_usage": usage,
                    "codebook_perplexity": perplexity, "num_images": n, "skipped_images": skipped}
+        if shapes is not None:
+            metrics.update(readback_attribute_accuracy=read_ok / (n * len(ATTRIBUTES)),
+                           readback_all_correct=read_all / n)
         return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}, {}

@@ -93,6 +93,11 @@ def read_caption(text):
     return out
 
 
+def split_shapes(split):
+    """The shapes an image of a shapes split can show: the novel splits add the fine-tuning recipe's new ones."""
+    return tuple(ALL_SHAPES) if split.startswith("novel") else tuple(SHAPES)
+
+
 def attribute_accuracy(predicted, truth):
     """Mean over items and attributes of exact matches, and per attribute: (overall, {attr: acc})."""
     per = {a: float(np.mean([p[a] == t[a] for p, t in zip(predicted, truth)])) for a in ATTRIBUTES}
