@@ -15,8 +15,8 @@ yes and no answers alternating), and the answer must match exactly (lower case, 
 ignored): `vqa_accuracy` overall and per type. The image tokenizer's own reconstructions of the real images are
 read back the same way (`vq_readback_*`: what the generated images can at best score) next to their PSNR.
 Accuracies come with 95% intervals (Wilson for rates, a percentile bootstrap over prompts for the mean attribute
-accuracy). The sampler is the checkpoint's Eval section unless a flag changes it. Writes <out>/report.json, <out>/t2i/*.png
-and <out>/t2i_grid.png.
+accuracy). The sampler is the checkpoint's Eval section unless a flag changes it. Writes <out>/report.json,
+<out>/t2i/*.png and <out>/t2i_grid.png.
 """
 import os
 import sys
