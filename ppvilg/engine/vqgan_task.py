@@ -9,7 +9,7 @@ from ppvilg.data.datasets import eval_batches
 from ppvilg.data.images import make_grid, to_uint8_image
 from ppvilg.engine.task_interface import Task
 from ppvilg.metrics.recon import codebook_stats, psnr, ssim
-from ppvilg.metrics.shapes_reader import ATTRIBUTES, read_image, split_shapes
+from ppvilg.metrics.shapes_reader import attribute_accuracy, read_image, split_shapes
 from ppvilg.registry import TASKS, model_config
 from ppvilg.vq.losses import (PatchDiscriminator, VGGPerceptual, adaptive_weight, hinge_d_loss,
                               reconstruction_loss)
@@ -147,7 +147,7 @@ class VQGANTask(Task):
         # built-in shapes: the reconstructions read back by the exact reader (the ceiling of stage 2's images)
         section = dataset.section
         shapes = split_shapes(section.split) if section.source == "shapes" else None
-        read_ok, read_all = 0, 0
+        reads, truths = [], []
         for batch in eval_batches(dataset, bs):
             skipped += len(batch["skipped"])
             if "image" not in batch:
@@ -162,11 +162,8 @@ class VQGANTask(Task):
             s_sum += ssim(real, fake) * len(real)
             n += len(real)
             if shapes is not None:
-                for i, f in zip(batch["index"], fake):
-                    got, truth = read_image(f, shapes=shapes), dataset.meta(int(i))
-                    right = sum(got[a] == truth[a] for a in ATTRIBUTES)
-                    read_ok += right
-                    read_all += right == len(ATTRIBUTES)
+                reads += [read_image(f, shapes=shapes) for f in fake]
+                truths += [dataset.meta(int(i)) for i in batch["index"]]
             for r, f in zip(real, fake):
                 if len(visuals) < 2 * nvis:
                     visuals += [r, f]
@@ -177,6 +174,6 @@ class VQGANTask(Task):
         metrics = {"psnr": p_sum / n, "ssim": s_sum / n, "codebook_usage": usage,
                    "codebook_perplexity": perplexity, "num_images": n, "skipped_images": skipped}
         if shapes is not None:
-            metrics.update(readback_attribute_accuracy=read_ok / (n * len(ATTRIBUTES)),
-                           readback_all_correct=read_all / n)
+            metrics.update(readback_attribute_accuracy=attribute_accuracy(reads, truths)[0],
+                           readback_all_correct=float(np.mean([r == t for r, t in zip(reads, truths)])))
         return metrics, {"input_vs_reconstruction": make_grid(visuals, 2 * min(4, nvis))}, {}
