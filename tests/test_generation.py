@@ -4,6 +4,7 @@ import pytest
 
 from ppvilg.generation import Decoding, Generator, SamplerSettings, filter_logits, rank_candidates, rerank_scores
 from ppvilg_deploy.decoding import SamplerSettingError
+from ppvilg_deploy.kvcache import slot_rows, write_slots
 from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg.models.vilg import ViLG, ViLGConfig
 from ppvilg.text.tokenizer import TextTokenizer
@@ -49,6 +50,42 @@ def test_cached_steps_attend_over_the_whole_cache_buffer(gen, monkeypatch):
     for k in range(4):
         dec.logits_at(dec.t0 + k)
     assert keys == [{dec.layout.length}] * 4
+
+
+@pytest.mark.parametrize("start,count", [(0, 5), (3, 1), (6, 2)])
+def test_write_slots_writes_those_slots_of_every_row_and_head_in_place(start, count):
+    """ppvilg_deploy.kvcache.write_slots (the dygraph decoder's and the predictors' cache write) against numpy's
+    slice assignment: the same slots of every (row, head), nothing else, into the caller's own tensors."""
+    rng = np.random.default_rng(start)
+    b, h, s, dh = 3, 2, 8, 4
+    before = [rng.normal(size=[b, h, s, dh]).astype(np.float32) for _ in range(2)]
+    new = [rng.normal(size=[b, h, count, dh]).astype(np.float32) for _ in range(2)]
+    caches = [paddle.to_tensor(a) for a in before]
+    write_slots(caches, start, [paddle.to_tensor(a) for a in new])
+    for cache, old, kv in zip(caches, before, new):
+        want = old.copy()
+        want[:, :, start:start + count] = kv
+        np.testing.assert_array_equal(cache.numpy(), want)
+    assert slot_rows(b, h, s, start, count).tolist() == [
+        (bi * h + hi) * s + start + j for bi in range(b) for hi in range(h) for j in range(count)]
+    with pytest.raises(ValueError, match="do not fit a cache of 8 slots"):
+        write_slots(caches, s - count + 1, [paddle.to_tensor(a) for a in new])
+    with pytest.raises(ValueError, match="cannot write keys / values of shape"):
+        write_slots(caches, 0, [paddle.to_tensor(a[:, :1]) for a in new])
+
+
+def test_cached_steps_get_masks_per_head_equal_to_the_broadcast_ones(gen):
+    """Each step's masks are [B, H, s, S] copies of the layer masks' rows (made once per step for the layers that
+    share a pattern: a same-shape add instead of a broadcast one per layer)."""
+    dec = gen._text_decoder(_codes(), None, {"use_cache": True})
+    sl = slice(dec.t0 + 2, dec.t0 + 3)
+    masks = dec.step_masks(sl)
+    heads = gen.m.blocks[0].attn.heads
+    for m, full in zip(masks, dec.masks):
+        assert m.shape == [2, heads, 1, dec.layout.length]
+        np.testing.assert_array_equal(m.numpy(), np.broadcast_to(full[:, :, sl].numpy(), m.shape))
+    assert len({id(m) for m in masks}) == len({id(m) for m in dec.masks})
+
 
 def test_cached_text_to_image_equals_uncached(gen):
     kw = dict(candidates=2, temperature=1.0, top_k=20, seed=3)

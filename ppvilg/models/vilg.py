@@ -29,6 +29,7 @@ from paddle.autograd import PyLayer
 from ppvilg.models.lora import add_lora, is_lora, matches as lora_matches
 from ppvilg.models.layout import IMAGE_KINDS, TEXT_TGT, IMAGE_TGT, base_mask, layer_pattern, pattern_mask
 from ppvilg.registry import MODEL_CONFIGS, MODELS
+from ppvilg_deploy.kvcache import slot_rows, write_slots
 
 
 @MODEL_CONFIGS.register("vilg")
@@ -238,17 +239,17 @@ class Attention(nn.Layer):
     def _out(self, o):
         return self.proj(o.transpose([0, 2, 1, 3]).reshape([o.shape[0], o.shape[2], -1]))
 
-    def forward(self, x, mask, cache=None, start=0):
-        """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1, s, S_keys].
+    def forward(self, x, mask, cache=None, start=0, cache_rows=None):
+        """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1 or H, s, S_keys].
         cache: None (keys = these slots), or a preallocated (k, v) pair [B, H, S_max, Dh] into which these
         slots' keys and values are written in place at `start` (inference only); attention then runs over the
         first S_keys >= start + s slots of the buffer, the mask hiding the slots not filled yet (generation passes
-        the whole buffer: a shorter key slice is a strided view that the matmuls would copy first)."""
+        the whole buffer: a shorter key slice is a strided view that the matmuls would copy first). cache_rows:
+        where these slots lie in the cache (ppvilg_deploy.kvcache.write_slots; None: computed here)."""
         q, k, v = self._qkv(x)
         if cache is not None:
-            s, keys = x.shape[1], mask.shape[-1]
-            cache[0][:, :, start:start + s] = k
-            cache[1][:, :, start:start + s] = v
+            keys = mask.shape[-1]
+            write_slots(cache, start, (k, v), cache_rows)
             k, v = (cache[0], cache[1]) if keys == cache[0].shape[2] else (cache[0][:, :, :keys], cache[1][:, :, :keys])
         if self.recompute_scores and self.training:
             from paddle.distributed.fleet.utils import recompute
@@ -282,8 +283,8 @@ class Block(nn.Layer):
                                  _linear(d * c.ffn_mult, d, "row", mp), nn.Dropout(c.dropout))
         self.recompute_block = recompute == "full"
 
-    def _forward(self, x, mask, cache=None, start=0):
-        x = x + self.attn(self.ln1(x), mask, cache, start)
+    def _forward(self, x, mask, cache=None, start=0, cache_rows=None):
+        x = x + self.attn(self.ln1(x), mask, cache, start, cache_rows)
         return x + self.mlp(self.ln2(x))
 
     def step_split(self, x, mask_cache, mask_new, cache_k, cache_v):
@@ -291,11 +292,11 @@ class Block(nn.Layer):
         x = x + a
         return x + self.mlp(self.ln2(x)), k, v
 
-    def forward(self, x, mask, cache=None, start=0):
+    def forward(self, x, mask, cache=None, start=0, cache_rows=None):
         if self.recompute_block and self.training and cache is None:
             from paddle.distributed.fleet.utils import recompute
             return recompute(self._forward, x, mask)
-        return self._forward(x, mask, cache, start)
+        return self._forward(x, mask, cache, start, cache_rows)
 
 
 class EmbeddingsMixin:
@@ -427,11 +428,13 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
 
     def step(self, ids, kind, pos, masks, cache, start):
         """Run slots start .. start+s-1 (ids [B, s], kind/pos [s]) against the cache; masks: per layer
-        additive [B, 1, s, S_keys] (rows of `layer_masks` for these slots, over the first S_keys >= start + s
+        additive [B, 1 or H, s, S_keys] (rows of `layer_masks` for these slots, over the first S_keys >= start + s
         slots: the keys attended). Returns hidden [B, s, D]."""
         x = self.embed(ids, kind, pos)
+        k0 = cache[0][0]   # where these slots lie in every layer's cache, found once per step
+        rows = paddle.to_tensor(slot_rows(*k0.shape[:3], start, ids.shape[1]), place=k0.place)
         for block, m, kv in zip(self.blocks, masks, cache):
-            x = block(x, m, kv, start)
+            x = block(x, m, kv, start, rows)
         return x
 
     def forward(self, ids, valid, layout, labels=None, return_hidden=False, loss_only=False):

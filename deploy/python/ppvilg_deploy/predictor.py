@@ -17,6 +17,7 @@ import yaml
 
 from ppvilg_deploy.decoding import Decoding, SamplerSettings, kept_candidates, rank_candidates, rerank_scores
 from ppvilg_deploy.images import resize_center_crop, to_tensor_array, to_uint8_image
+from ppvilg_deploy.kvcache import write_slots
 from ppvilg_deploy.sequences import SequenceBuilder
 from ppvilg_deploy.tokenizer import TextTokenizer
 
@@ -118,8 +119,7 @@ class PredictorDecoder:
 
     def _store(self, start, new):
         """Write the step's keys and values [B, H, s, Dh] into the cache at `start`, in place."""
-        for c, kv in zip(self.cache, new):
-            c[:, :, start:start + kv.shape[2]] = kv
+        write_slots(self.cache, start, new)
 
     def _run(self, first, last):
         start, inputs = self._inputs(first, last)
