@@ -72,6 +72,14 @@ def test_write_slots_writes_those_slots_of_every_row_and_head_in_place(start, co
         write_slots(caches, s - count + 1, [paddle.to_tensor(a) for a in new])
     with pytest.raises(ValueError, match="cannot write keys / values of shape"):
         write_slots(caches, 0, [paddle.to_tensor(a[:, :1]) for a in new])
+    old = paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
+    paddle.set_flags({"FLAGS_use_stride_kernel": True})   # (as in decoding: a transpose is then a strided view)
+    try:
+        strided = paddle.to_tensor(np.zeros([b, s, h, dh], np.float32)).transpose([0, 2, 1, 3])
+        with pytest.raises(ValueError, match="must be a contiguous tensor"):   # its reshape would be a copy
+            write_slots([strided], start, [paddle.to_tensor(new[0])])
+    finally:
+        paddle.set_flags({"FLAGS_use_stride_kernel": old})
 
 
 def test_cached_steps_get_masks_per_head_equal_to_the_broadcast_ones(gen):

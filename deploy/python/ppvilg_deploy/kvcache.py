@@ -20,8 +20,8 @@ def slot_rows(batch, heads, length, start, count):
 
 
 def write_slots(caches, start, new, rows=None):
-    """Write new[i] [B, H, s, Dh] into caches[i] [B, H, S, Dh] at slots start .. start+s-1, in place (every
-    tensor on one device, one dtype). rows: slot_rows(...) as a tensor, when the caller reuses it."""
+    """Write new[i] [B, H, s, Dh] into caches[i] [B, H, S, Dh] (contiguous) at slots start .. start+s-1, in place
+    (every tensor on one device, one dtype). rows: slot_rows(...) as a tensor, when the caller reuses it."""
     import paddle
     if not caches:
         return
@@ -36,4 +36,7 @@ def write_slots(caches, start, new, rows=None):
         if kv.shape != [b, h, s, dh] or cache.shape != [b, h, length, dh]:
             raise ValueError(f"cannot write keys / values of shape {list(kv.shape)} into a cache of shape "
                              f"{list(cache.shape)}")
+        if not cache.is_contiguous():   # its reshape would be a copy, and the write would be lost
+            raise ValueError("write_slots writes through the cache's flat view: the cache must be a contiguous "
+                             "tensor (not a slice or transpose of one)")
         paddle.scatter_(cache.reshape([-1, dh]), rows, kv.reshape([-1, dh]), overwrite=True)
