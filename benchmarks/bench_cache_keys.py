@@ -41,7 +41,8 @@ class PrefixKeysDecoder(DygraphDecoder):
 def run(cls, model, layout, batch, steps):
     """ms per decode step over `steps` steps after the prefill, and the logits of every step."""
     ids = np.zeros([batch, layout.length], np.int64)
-    ids[:, :layout.lengths[0]] = np.random.default_rng(0).integers(5, 500, [batch, layout.lengths[0]])
+    words = min(500, model.config.text_vocab_size)   # text ids of the model's vocabulary
+    ids[:, :layout.lengths[0]] = np.random.default_rng(0).integers(5, words, [batch, layout.lengths[0]])
     ids[:, layout.lengths[0]] = model.boi_id
     dec = cls(model, layout, ids, np.ones(ids.shape, bool))
     logits = [dec.logits_at(dec.t0)]

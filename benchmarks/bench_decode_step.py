@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,6 +28,7 @@ from ppvilg.generation import DygraphDecoder  # noqa: E402
 from ppvilg.models.layout import text_to_image  # noqa: E402
 from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
 from ppvilg_deploy.kvcache import write_slots  # noqa: E402
+from bench_cache_keys import run as decode_steps  # noqa: E402  (this folder)
 
 
 def slice_assign(caches, start, new, rows=None):
@@ -53,20 +53,12 @@ VARIANTS = {   # name -> (decoder class, cache write)
 
 
 def run(variant, model, layout, batch, steps):
-    """ms per decode step over `steps` steps after the prefill, and the logits of every step."""
+    """ms per decode step over `steps` steps after the prefill, and the logits of every step (bench_cache_keys'
+    decode loop, with this variant's decoder and cache write)."""
     cls, write = VARIANTS[variant]
     vilg_module.write_slots = write
     try:
-        ids = np.zeros([batch, layout.length], np.int64)
-        ids[:, :layout.lengths[0]] = np.random.default_rng(0).integers(5, 90, [batch, layout.lengths[0]])
-        ids[:, layout.lengths[0]] = model.boi_id
-        dec = cls(model, layout, ids, np.ones(ids.shape, bool))
-        logits = [dec.logits_at(dec.t0)]
-        t = time.perf_counter()
-        for k in range(1, steps):
-            dec.ids[:, dec.t0 + k] = logits[-1].argmax(-1)
-            logits.append(dec.logits_at(dec.t0 + k))
-        return (time.perf_counter() - t) / (steps - 1) * 1e3, logits
+        return decode_steps(cls, model, layout, batch, steps)
     finally:
         vilg_module.write_slots = write_slots
 

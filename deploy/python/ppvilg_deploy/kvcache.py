@@ -23,8 +23,6 @@ def write_slots(caches, start, new, rows=None):
     """Write new[i] [B, H, s, Dh] into caches[i] [B, H, S, Dh] (contiguous) at slots start .. start+s-1, in place
     (every tensor on one device, one dtype). rows: slot_rows(...) as a tensor, when the caller reuses it."""
     import paddle
-    if not caches:
-        return
     b, h, length, dh = caches[0].shape
     s = new[0].shape[2]
     if rows is None:
