@@ -38,6 +38,34 @@ LAYOUTS = {"t2i": text_to_image(16, 8), "i2t": image_to_text(16, 8), "vqa": vqa(
 
 @pytest.mark.parametrize("attention", ["dense", "sparse"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
+def test_hidden_of_the_target_rows_only_equals_the_full_sequence_cut(name, attention):
+    """hidden(rows=target) (the last block run on the target slots only, as training's forward does) == the
+    target slots of the full sequence's states, and so are the gradients it sends to every parameter; a padded
+    key in one row (the masks' row cut must follow)."""
+    m, lay = _model(attention), LAYOUTS[name]
+    m.train()
+    tgt = lay.target_slice()
+    ids, valid = paddle.to_tensor(_ids(lay)), np.ones([2, lay.length], bool)
+    valid[0, tgt.start - 2] = False
+    size = [2, tgt.stop - tgt.start, m.config.hidden_size]
+    weights = paddle.to_tensor(np.random.default_rng(1).normal(size=size).astype("float32"))
+    outs = []
+    for rows in (None, tgt):
+        m.clear_gradients()
+        h = m.hidden(ids, valid, lay, rows)
+        h = h[:, tgt] if rows is None else h
+        (h * weights).sum().backward()
+        outs.append((h.numpy(), {n: p.grad.numpy() for n, p in m.named_parameters() if p.grad is not None}))
+    (full, g_full), (cut, g_cut) = outs
+    np.testing.assert_allclose(cut, full, atol=1e-5, rtol=0)
+    assert g_full.keys() == g_cut.keys() and len(g_full) > 10
+    for n in g_full:
+        scale = max(float(np.abs(g_full[n]).max()), 1e-3)
+        np.testing.assert_allclose(g_cut[n] / scale, g_full[n] / scale, atol=1e-5, rtol=0, err_msg=n)
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_mask_by_perturbation(name, attention):
     m, lay = _model(attention), LAYOUTS[name]
     tgt = lay.target_slice()

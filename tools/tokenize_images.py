@@ -25,7 +25,8 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=["train", "eval"], help="which Data.<split> to encode")
     p.add_argument("--out", required=True, help="output folder for the shards and index.json")
     p.add_argument("--shard-size", type=int, default=4096, help="pairs per shard")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per encoder batch (the codes do not depend on it; on CPU 16 is ~15%% faster than 64)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards in --out that another tokenizer, other weights or other data wrote")
     args = p.parse_args(argv)

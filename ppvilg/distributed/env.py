@@ -168,3 +168,21 @@ def init_parallel(cfg, cpu_collectives_installed=False):
         # the same seed on every rank for replicated weights, a per-mp-rank one for split weights
         model_parallel_random_seed(cfg.Global.seed)
     return st
+
+
+def allreduce_mean_gradients(params, group):
+    """Average the gradients of `params` over the data-parallel `group` in place: one all-reduce of all of them
+    concatenated (the parameters without a gradient are skipped; every rank must pass the same ones). Fleet's
+    fused_allreduce_gradients computes the same values (each gradient scaled by 1/n, then summed) but on CPU
+    spends ~4x its all-reduce rebuilding and copying its buckets: 12-15 ms a step for the demo's stage-1 tokenizer
+    (144 tensors, 764k floats; the all-reduce alone 2-3 ms on gloo), ~6 ms this way."""
+    import paddle
+    import paddle.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = paddle.concat([g.reshape([-1]) for g in grads])
+    flat.scale_(1.0 / group.nranks)
+    dist.all_reduce(flat, group=group)
+    for g, piece in zip(grads, paddle.split(flat, [g.size for g in grads])):
+        g.copy_(piece.reshape(g.shape), False)

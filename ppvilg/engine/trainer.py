@@ -17,6 +17,7 @@ from ppvilg.data.datasets import build_dataset, check_batch, image_limits, train
 from ppvilg import checkpoints as ckpt
 from ppvilg.checkpoints import CheckpointError
 from ppvilg.config import save_config
+from ppvilg.distributed.env import allreduce_mean_gradients
 from ppvilg.models.lora import is_lora
 from ppvilg.utils.runtime import get_logger, training_kernels
 
@@ -389,10 +390,9 @@ class Trainer:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v / tc.accum_steps
         if self.average_gradients:   # (the same phases are used on every rank: they depend on the step only)
-            from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
             for phase in self.opts:
                 if phase in used:
-                    fused_allreduce_gradients(self.phase_params[phase], self.par.hcg)
+                    allreduce_mean_gradients(self.phase_params[phase], self.par.hcg.get_data_parallel_group())
         for phase in self.opts:
             if phase in used:
                 self.scalers[phase].step(self.opts[phase])

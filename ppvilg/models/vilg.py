@@ -230,23 +230,25 @@ class Attention(nn.Layer):
         att = F.dropout(att, self.dropout, training=self.training)
         return paddle.matmul(att, v)
 
-    def _qkv(self, x):
-        b, s = x.shape[0], x.shape[1]
+    def _qkv(self, x, rows=None):
+        """q, k, v [B, H, s, Dh] of x [B, s, D]; with rows (a slice of the slots) q of those slots only."""
         # separate projections: on CPU the backward of slicing or splitting a fused qkv is slower than them
-        return [f(x).reshape([b, s, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
-                for f in (self.q, self.k, self.v)]
+        return [f(y).reshape([y.shape[0], y.shape[1], self.heads, self.head_dim]).transpose([0, 2, 1, 3])
+                for f, y in ((self.q, x if rows is None else x[:, rows]), (self.k, x), (self.v, x))]
 
     def _out(self, o):
         return self.proj(o.transpose([0, 2, 1, 3]).reshape([o.shape[0], o.shape[2], -1]))
 
-    def forward(self, x, mask, cache=None, start=0, cache_rows=None):
-        """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1 or H, s, S_keys].
+    def forward(self, x, mask, cache=None, start=0, cache_rows=None, rows=None):
+        """x [B, s, D] (slots start .. start+s-1); mask: additive [B, 1 or H, s, S_keys] (with rows: [B, 1 or H,
+        those rows' count, S_keys]). rows (no cache): a slice of the slots whose outputs are wanted: only they
+        query, every slot is a key; returns [B, len(rows), D].
         cache: None (keys = these slots), or a preallocated (k, v) pair [B, H, S_max, Dh] into which these
         slots' keys and values are written in place at `start` (inference only); attention then runs over the
         first S_keys >= start + s slots of the buffer, the mask hiding the slots not filled yet (generation passes
         the whole buffer: a shorter key slice is a strided view that the matmuls would copy first). cache_rows:
         where these slots lie in the cache (ppvilg_deploy.kvcache.write_slots; None: computed here)."""
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rows)
         if cache is not None:
             keys = mask.shape[-1]
             write_slots(cache, start, (k, v), cache_rows)
@@ -283,8 +285,9 @@ class Block(nn.Layer):
                                  _linear(d * c.ffn_mult, d, "row", mp), nn.Dropout(c.dropout))
         self.recompute_block = recompute == "full"
 
-    def _forward(self, x, mask, cache=None, start=0, cache_rows=None):
-        x = x + self.attn(self.ln1(x), mask, cache, start, cache_rows)
+    def _forward(self, x, mask, cache=None, start=0, cache_rows=None, rows=None):
+        a = self.attn(self.ln1(x), mask, cache, start, cache_rows, rows)
+        x = (x if rows is None else x[:, rows]) + a
         return x + self.mlp(self.ln2(x))
 
     def step_split(self, x, mask_cache, mask_new, cache_k, cache_v):
@@ -292,11 +295,12 @@ class Block(nn.Layer):
         x = x + a
         return x + self.mlp(self.ln2(x)), k, v
 
-    def forward(self, x, mask, cache=None, start=0, cache_rows=None):
+    def forward(self, x, mask, cache=None, start=0, cache_rows=None, rows=None):
+        """rows: a slice of the slots whose outputs are wanted (see Attention.forward); mask then covers them."""
         if self.recompute_block and self.training and cache is None:
             from paddle.distributed.fleet.utils import recompute
-            return recompute(self._forward, x, mask)
-        return self._forward(x, mask, cache, start, cache_rows)
+            return recompute(self._forward, x, mask, None, 0, None, rows)
+        return self._forward(x, mask, cache, start, cache_rows, rows)
 
 
 class EmbeddingsMixin:
@@ -406,8 +410,11 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
         return out
 
     # ---- training / scoring ---------------------------------------------------------------------------
-    def hidden(self, ids, valid, layout):
-        """Last-layer hidden states [B, S, D] (before the final LN) of a full sequence."""
+    def hidden(self, ids, valid, layout, rows=None):
+        """Last-layer hidden states [B, S, D] (before the final LN) of a full sequence; rows: a slice of the slots
+        whose states are wanted (default all; [B, len(rows), D]): the last block then runs those slots only
+        (every slot stays a key of its attention), which for a caption or an answer after 64 image slots is a
+        fraction of that block."""
         kind, pos = layout.arrays()
         x = self.embed(ids, kind, pos)
         # Paddle's CPU add with broadcasting is ~15x slower than a same-shape add (3.9 against 0.23 ms for the
@@ -416,8 +423,10 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
         per_head = self.training and x.place.is_cpu_place() and self.config.attention_kernel == "matmul"
         heads = self.blocks[0].attn.heads if per_head else 1
         masks = self.layer_masks(layout, np.asarray(valid), x.dtype, heads)
-        for block, m in zip(self.blocks, masks):
-            x = block(x, m)
+        last = len(self.blocks) - 1
+        for i, (block, m) in enumerate(zip(self.blocks, masks)):
+            sel = rows if i == last and rows is not None and rows != slice(0, layout.length) else None
+            x = block(x, m if sel is None else m[:, :, sel], rows=sel)
         return x
 
     # ---- inference with a preallocated KV cache (driven by ppvilg.generation) ---------------------------
@@ -450,7 +459,7 @@ class ViLG(nn.Layer, EmbeddingsMixin, HeadsMixin):
             labels = labels if labels is not None else [None] * len(layout)
             return [self.forward(*args, return_hidden=return_hidden, loss_only=loss_only)
                     for args in zip(ids, valid, layout, labels)]
-        x = self.hidden(ids, valid, layout)[:, layout.target_slice()]
+        x = self.hidden(ids, valid, layout, layout.target_slice())
         if loss_only and labels is not None and layout.kinds[-1] == TEXT_TGT and self.mp == 1:
             where = paddle.nonzero(labels != -100)                       # [N, 2]: (row, slot) of real tokens
             logits = self.head(paddle.gather_nd(x, where), TEXT_TGT)     # [N, V]
