@@ -9,7 +9,8 @@ training runs), with and without VQA; and, for the two-direction loss_only step,
 training (ppvilg.utils.runtime.training_kernels, ppvilg.models.vilg.Linear) against Paddle's defaults: stride
 kernels on / off, and the bias gradient of paddle.nn.Linear against Linear's ones @ grad; the text slots no row
 fills cut (ppvilg.models.layout.trim_text, what ViLGTask.losses runs) against the full max_text_len sequences; the
-attention masks per head (what ViLG.hidden builds on CPU) against [B, 1, S, S] broadcast over the heads. Every
+attention masks per head (what ViLG.hidden builds on CPU) against [B, 1, S, S] broadcast over the heads; the last
+block on the target slots only (ViLG.forward's `hidden(..., rows)`) against the last block on every slot. Every
 step runs under training_kernels (what Trainer does) and cuts the text padding unless said. The last line is one
 JSON object.
 """
@@ -102,7 +103,25 @@ def main(argv=None):
         model.layer_masks = lambda layout, valid, dtype, heads: ViLG.layer_masks(model, layout, valid, dtype, 1)
         results["broadcast_masks_ms"] = timed(False, True)   # masks [B, 1, S, S], broadcast over the heads
         del model.layer_masks
-    for key in ("full_text_slots_ms", "full_text_slots_with_vqa_ms", "broadcast_masks_ms"):
+        # the last block on every slot (then the target slots cut from its output) against the target slots only,
+        # in alternating rounds (medians): the difference is a few percent, less than the machine's drift
+        full = model.hidden
+
+        def all_slots(ids, valid, layout, rows=None):
+            return full(ids, valid, layout) if rows is None else full(ids, valid, layout)[:, rows]
+
+        for vqa, key in ((False, "two_directions"), (True, "with_vqa")):
+            rounds = {"targets": [], "all": []}
+            for r in range(6):
+                for name in (("targets", "all") if r % 2 == 0 else ("all", "targets")):
+                    model.hidden = all_slots if name == "all" else full
+                    rounds[name].append(timed(vqa, True))
+            del model.hidden
+            results[f"last_block_targets_{key}_ms"] = float(np.median(rounds["targets"]))
+            results[f"last_block_all_slots_{key}_ms"] = float(np.median(rounds["all"]))
+    for key in ("full_text_slots_ms", "full_text_slots_with_vqa_ms", "broadcast_masks_ms",
+                "last_block_targets_two_directions_ms", "last_block_all_slots_two_directions_ms",
+                "last_block_targets_with_vqa_ms", "last_block_all_slots_with_vqa_ms"):
         print(f"{key:<36} {results[key]:8.1f} ms per step", flush=True)
 
     linears = [m for m in model.sublayers() if type(m) is Linear]
@@ -126,6 +145,9 @@ def main(argv=None):
     results["text_cut_speedup"] = results["full_text_slots_ms"] / results["two_directions_loss_only_ms"]
     results["text_cut_speedup_with_vqa"] = results["full_text_slots_with_vqa_ms"] / results["with_vqa_loss_only_ms"]
     results["per_head_masks_speedup"] = results["broadcast_masks_ms"] / results["two_directions_loss_only_ms"]
+    for key in ("two_directions", "with_vqa"):
+        results[f"last_block_targets_speedup_{key}"] = (results[f"last_block_all_slots_{key}_ms"]
+                                                        / results[f"last_block_targets_{key}_ms"])
     results["sequence_lengths"] = {f"{'+'.join(map(str, kinds))}{'' if cut else '_full'}": n
                                    for (kinds, cut), n in lengths.items()}
     results.update(batch=a.batch, steps=a.steps, threads=a.threads, vqa_rows=len(rows),
@@ -136,6 +158,9 @@ def main(argv=None):
     print(f"text slots no row fills cut: x{results['text_cut_speedup']:.2f} (two directions), "
           f"x{results['text_cut_speedup_with_vqa']:.2f} (with VQA); masks per head instead of broadcast: "
           f"x{results['per_head_masks_speedup']:.2f}")
+    print(f"the last block on the target slots only (alternating rounds): "
+          f"x{results['last_block_targets_speedup_two_directions']:.2f} (two directions), "
+          f"x{results['last_block_targets_speedup_with_vqa']:.2f} (with VQA)")
     print(f"training kernels against Paddle's defaults: x{results['training_kernels_speedup']:.2f} (stride kernels "
           f"off x{results['stride_kernels_off_speedup']:.2f}, then Linear's bias gradient "
           f"x{results['linear_bias_grad_speedup']:.2f})")
