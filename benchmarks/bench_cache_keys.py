@@ -38,6 +38,16 @@ class PrefixKeysDecoder(DygraphDecoder):
         return m.head(h, self.target_kind).astype("float32").numpy()
 
 
+def demo_model(**changes):
+    """The demo transformer (the `shapes` preset with `changes`; random weights: speed does not depend on
+    training) in eval mode, and its text->image layout."""
+    paddle.seed(0)
+    cfg = ViLGConfig(**dict(ViLGConfig.PRESETS["shapes"], **changes))
+    model = ViLG(cfg)
+    model.eval()
+    return model, text_to_image(cfg.max_text_len, cfg.grid)
+
+
 def run(cls, model, layout, batch, steps):
     """ms per decode step over `steps` steps after the prefill, and the logits of every step."""
     ids = np.zeros([batch, layout.length], np.int64)
@@ -60,12 +70,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64)
     a = p.parse_args(argv)
     setup_device("cpu", a.threads)
-    paddle.seed(0)
-    cfg = ViLGConfig(**ViLGConfig.PRESETS["shapes"])
-    model = ViLG(cfg)
-    model.eval()
-    layout = text_to_image(cfg.max_text_len, cfg.grid)
-    steps = min(a.steps, cfg.grid * cfg.grid)
+    model, layout = demo_model()
+    steps = min(a.steps, model.config.grid * model.config.grid)
     res = {}
     for batch in a.batches:
         run(DygraphDecoder, model, layout, batch, 3)   # warm-up

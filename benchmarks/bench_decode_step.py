@@ -21,14 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppvilg.utils.runtime import setup_device  # noqa: E402
 import numpy as np  # noqa: E402
-import paddle  # noqa: E402
 
 import ppvilg.models.vilg as vilg_module  # noqa: E402
 from ppvilg.generation import DygraphDecoder  # noqa: E402
-from ppvilg.models.layout import text_to_image  # noqa: E402
-from ppvilg.models.vilg import ViLG, ViLGConfig  # noqa: E402
 from ppvilg_deploy.kvcache import write_slots  # noqa: E402
-from bench_cache_keys import run as decode_steps  # noqa: E402  (this folder)
+from bench_cache_keys import demo_model, run as decode_steps  # noqa: E402  (this folder)
 
 
 def slice_assign(caches, start, new, rows=None):
@@ -71,12 +68,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     a = p.parse_args(argv)
     setup_device("cpu", a.threads)
-    paddle.seed(0)
-    cfg = ViLGConfig(**dict(ViLGConfig.PRESETS["shapes"], text_vocab_size=94))   # the demo's (shapes vocabulary)
-    model = ViLG(cfg)
-    model.eval()
-    layout = text_to_image(cfg.max_text_len, cfg.grid)
-    steps = min(a.steps, cfg.grid * cfg.grid)
+    model, layout = demo_model(text_vocab_size=94)   # the demo's (shapes vocabulary)
+    steps = min(a.steps, model.config.grid * model.config.grid)
     res = {}
     for batch in a.batches:
         run("now", model, layout, batch, 3)   # warm-up
