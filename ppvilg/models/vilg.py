@@ -55,7 +55,7 @@ class ViLGConfig:
 
     PRESETS = {
         "tiny": dict(num_layers=2, hidden_size=64, num_heads=4, max_text_len=16, num_codes=64, grid=8),
-        "shapes": dict(num_layers=4, hidden_size=128, num_heads=4, ffn_mult=2, max_text_len=24, num_codes=256,
+        "shapes": dict(num_layers=4, hidden_size=96, num_heads=4, ffn_mult=2, max_text_len=24, num_codes=256,
                        grid=8),
         "base_300m": dict(num_layers=24, hidden_size=1024, num_heads=16, max_text_len=64, num_codes=8192,
                           grid=32),
