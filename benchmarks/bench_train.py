@@ -1,6 +1,6 @@
 """Stage-2 training step time on the demo model (the `shapes` preset, random weights), in one run:
 
-  python benchmarks/bench_train.py [--batch 32] [--steps 10] [--threads 2]
+  python benchmarks/bench_train.py [--batch 32] [--steps 10] [--threads 2] [--compare-hidden 128]
 
 Each step is one forward over the batch's sequences (text->image and image->text, and VQA for half the pairs
 when asked), backward and an AdamW update, with the shapes data's own captions, questions and answers. Compared:
@@ -10,7 +10,8 @@ training (ppvilg.utils.runtime.training_kernels, ppvilg.models.vilg.Linear) agai
 kernels on / off, and the bias gradient of paddle.nn.Linear against Linear's ones @ grad; the text slots no row
 fills cut (ppvilg.models.layout.trim_text, what ViLGTask.losses runs) against the full max_text_len sequences; the
 attention masks per head (what ViLG.hidden builds on CPU) against [B, 1, S, S] broadcast over the heads; the last
-block on the target slots only (ViLG.forward's `hidden(..., rows)`) against the last block on every slot. Every
+block on the target slots only (ViLG.forward's `hidden(..., rows)`) against the last block on every slot; the
+preset's width (hidden 96) against --compare-hidden (the demo model's width before: 128). Every
 step runs under training_kernels (what Trainer does) and cuts the text padding unless said. The last line is one
 JSON object.
 """
@@ -33,12 +34,12 @@ from ppvilg.models.vilg import Linear, ViLG, ViLGConfig  # noqa: E402
 from ppvilg.text.tokenizer import TextTokenizer  # noqa: E402
 
 
-def stage2_step(batch, seed=0):
-    """The demo model (random weights), an AdamW and one batch of `batch` shapes pairs with random codes ->
-    (model, step(vqa, loss_only, cut=True) running one training step, the sequence lengths seen by kind,
-    (VQA rows, image->text labels, VQA labels))."""
+def stage2_step(batch, seed=0, **changes):
+    """The demo model (random weights; `changes`: ViLGConfig fields other than the preset's), an AdamW and one
+    batch of `batch` shapes pairs with random codes -> (model, step(vqa, loss_only, cut=True) running one training
+    step, the sequence lengths seen by kind, (VQA rows, image->text labels, VQA labels))."""
     tok = TextTokenizer()
-    c = ViLGConfig(**ViLGConfig.PRESETS["shapes"])
+    c = ViLGConfig(**{**ViLGConfig.PRESETS["shapes"], **changes})
     paddle.seed(seed)
     model = ViLG(c)
     opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
@@ -78,15 +79,17 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare-hidden", type=int, default=128,
+                   help="the width the preset's is timed against (the demo model's before: 128)")
     a = p.parse_args(argv)
     setup_device("cpu", a.threads)
     model, step, lengths, (rows, l2, l3) = stage2_step(a.batch)
 
-    def timed(vqa, loss_only, cut=True):
-        step(vqa, loss_only, cut)   # warm-up
+    def timed(vqa, loss_only, cut=True, run=step):
+        run(vqa, loss_only, cut)   # warm-up
         t0 = time.perf_counter()
         for _ in range(a.steps):
-            step(vqa, loss_only, cut)
+            run(vqa, loss_only, cut)
         return (time.perf_counter() - t0) / a.steps * 1e3
 
     results = {}
@@ -119,9 +122,21 @@ def main(argv=None):
             del model.hidden
             results[f"last_block_targets_{key}_ms"] = float(np.median(rounds["targets"]))
             results[f"last_block_all_slots_{key}_ms"] = float(np.median(rounds["all"]))
+        # the preset's width against --compare-hidden (the same data and steps), alternating rounds (medians)
+        hidden = ViLGConfig.PRESETS["shapes"]["hidden_size"]
+        other = stage2_step(a.batch, hidden_size=a.compare_hidden)[1]
+        for vqa, key in ((False, "two_directions"), (True, "with_vqa")):
+            rounds = {"preset": [], "other": []}
+            for r in range(6):
+                for name in (("preset", "other") if r % 2 == 0 else ("other", "preset")):
+                    rounds[name].append(timed(vqa, True, run=other if name == "other" else step))
+            results[f"hidden_{hidden}_{key}_ms"] = float(np.median(rounds["preset"]))
+            results[f"hidden_{a.compare_hidden}_{key}_ms"] = float(np.median(rounds["other"]))
     for key in ("full_text_slots_ms", "full_text_slots_with_vqa_ms", "broadcast_masks_ms",
                 "last_block_targets_two_directions_ms", "last_block_all_slots_two_directions_ms",
-                "last_block_targets_with_vqa_ms", "last_block_all_slots_with_vqa_ms"):
+                "last_block_targets_with_vqa_ms", "last_block_all_slots_with_vqa_ms",
+                f"hidden_{hidden}_two_directions_ms", f"hidden_{a.compare_hidden}_two_directions_ms",
+                f"hidden_{hidden}_with_vqa_ms", f"hidden_{a.compare_hidden}_with_vqa_ms"):
         print(f"{key:<36} {results[key]:8.1f} ms per step", flush=True)
 
     linears = [m for m in model.sublayers() if type(m) is Linear]
@@ -148,6 +163,8 @@ def main(argv=None):
     for key in ("two_directions", "with_vqa"):
         results[f"last_block_targets_speedup_{key}"] = (results[f"last_block_all_slots_{key}_ms"]
                                                         / results[f"last_block_targets_{key}_ms"])
+        results[f"hidden_{hidden}_speedup_{key}"] = (results[f"hidden_{a.compare_hidden}_{key}_ms"]
+                                                     / results[f"hidden_{hidden}_{key}_ms"])
     results["sequence_lengths"] = {f"{'+'.join(map(str, kinds))}{'' if cut else '_full'}": n
                                    for (kinds, cut), n in lengths.items()}
     results.update(batch=a.batch, steps=a.steps, threads=a.threads, vqa_rows=len(rows),
@@ -161,6 +178,9 @@ def main(argv=None):
     print(f"the last block on the target slots only (alternating rounds): "
           f"x{results['last_block_targets_speedup_two_directions']:.2f} (two directions), "
           f"x{results['last_block_targets_speedup_with_vqa']:.2f} (with VQA)")
+    print(f"the demo model (hidden {hidden}) against hidden {a.compare_hidden} (alternating rounds): "
+          f"x{results[f'hidden_{hidden}_speedup_two_directions']:.2f} (two directions), "
+          f"x{results[f'hidden_{hidden}_speedup_with_vqa']:.2f} (with VQA)")
     print(f"training kernels against Paddle's defaults: x{results['training_kernels_speedup']:.2f} (stride kernels "
           f"off x{results['stride_kernels_off_speedup']:.2f}, then Linear's bias gradient "
           f"x{results['linear_bias_grad_speedup']:.2f})")
