@@ -106,32 +106,39 @@ def main(argv=None):
         model.layer_masks = lambda layout, valid, dtype, heads: ViLG.layer_masks(model, layout, valid, dtype, 1)
         results["broadcast_masks_ms"] = timed(False, True)   # masks [B, 1, S, S], broadcast over the heads
         del model.layer_masks
-        # the last block on every slot (then the target slots cut from its output) against the target slots only,
-        # in alternating rounds (medians): the difference is a few percent, less than the machine's drift
+        # two variants at a time in alternating rounds (medians): their differences are a few percent to a few
+        # tens, and the machine drifts by as much within minutes
+        def alternating(variants):
+            """{result key: function(vqa) timing one round} -> those keys' medians over 6 rounds, per direction
+            set (the keys get '_two_directions_ms' / '_with_vqa_ms')."""
+            for vqa, key in ((False, "two_directions"), (True, "with_vqa")):
+                names = list(variants)
+                rounds = {name: [] for name in names}
+                for r in range(6):
+                    for name in (names if r % 2 == 0 else names[::-1]):
+                        rounds[name].append(variants[name](vqa))
+                for name, ms in rounds.items():
+                    results[f"{name}_{key}_ms"] = float(np.median(ms))
+
+        # the last block on every slot (then the target slots cut from its output) against the target slots only
         full = model.hidden
 
         def all_slots(ids, valid, layout, rows=None):
             return full(ids, valid, layout) if rows is None else full(ids, valid, layout)[:, rows]
 
-        for vqa, key in ((False, "two_directions"), (True, "with_vqa")):
-            rounds = {"targets": [], "all": []}
-            for r in range(6):
-                for name in (("targets", "all") if r % 2 == 0 else ("all", "targets")):
-                    model.hidden = all_slots if name == "all" else full
-                    rounds[name].append(timed(vqa, True))
-            del model.hidden
-            results[f"last_block_targets_{key}_ms"] = float(np.median(rounds["targets"]))
-            results[f"last_block_all_slots_{key}_ms"] = float(np.median(rounds["all"]))
-        # the preset's width against --compare-hidden (the same data and steps), alternating rounds (medians)
+        def with_hidden(fn):
+            def measure(vqa):
+                model.hidden = fn
+                return timed(vqa, True)
+            return measure
+
+        alternating({"last_block_targets": with_hidden(full), "last_block_all_slots": with_hidden(all_slots)})
+        del model.hidden
+        # the preset's width against --compare-hidden (the same data and steps)
         hidden = ViLGConfig.PRESETS["shapes"]["hidden_size"]
         other = stage2_step(a.batch, hidden_size=a.compare_hidden)[1]
-        for vqa, key in ((False, "two_directions"), (True, "with_vqa")):
-            rounds = {"preset": [], "other": []}
-            for r in range(6):
-                for name in (("preset", "other") if r % 2 == 0 else ("other", "preset")):
-                    rounds[name].append(timed(vqa, True, run=other if name == "other" else step))
-            results[f"hidden_{hidden}_{key}_ms"] = float(np.median(rounds["preset"]))
-            results[f"hidden_{a.compare_hidden}_{key}_ms"] = float(np.median(rounds["other"]))
+        alternating({f"hidden_{hidden}": lambda vqa: timed(vqa, True),
+                     f"hidden_{a.compare_hidden}": lambda vqa: timed(vqa, True, run=other)})
     for key in ("full_text_slots_ms", "full_text_slots_with_vqa_ms", "broadcast_masks_ms",
                 "last_block_targets_two_directions_ms", "last_block_all_slots_two_directions_ms",
                 "last_block_targets_with_vqa_ms", "last_block_all_slots_with_vqa_ms",
